@@ -1,0 +1,120 @@
+"""Lotka--Volterra, Tsit5, rtol = atol = 1e-6, 101 save times on [0, 10]:
+neuralde against diffrax (and jax.experimental.ode.odeint, Dopri5) in one run.
+
+    python benchmarks/bench_lotka_volterra.py [--repeats 200] [--x64]
+
+Prints, for each library: compile time (first call, including tracing),
+steady-state time of one jitted solve (median over repeats), steps
+(accepted + rejected), max error against scipy DOP853 at rtol = atol = 1e-13,
+and the ratios to neuralde. Absolute times depend on the machine and its load;
+the ratios are what to compare.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+
+def _time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        _block(out)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _block(out):
+    import jax
+
+    jax.tree_util.tree_map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, out)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--x64", action="store_true", help="float64 (default float32... no: default is float64)")
+    parser.add_argument("--float32", action="store_true", help="solve in float32 instead of float64")
+    ns = parser.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+
+    jax.config.update("jax_enable_x64", not ns.float32)
+    dtype = jnp.float32 if ns.float32 else jnp.float64
+    import neuralde as nde
+
+    p = jnp.array([1.5, 1.0, 3.0, 1.0], dtype)
+    u0 = jnp.array([1.0, 1.0], dtype)
+    ts = jnp.linspace(0.0, 10.0, 101, dtype=dtype)
+    rtol = atol = 1e-6
+
+    def lv(t, u, p):
+        x, y = u[0], u[1]
+        a, b, d, g = p[0], p[1], p[2], p[3]
+        return jnp.stack([a * x - b * x * y, -d * y + g * x * y])
+
+    from scipy.integrate import solve_ivp
+
+    ref = solve_ivp(lambda t, u: np.asarray(lv(t, jnp.asarray(u), np.asarray(p))), (0.0, 10.0), np.asarray(u0),
+                    method="DOP853", rtol=1e-13, atol=1e-13, t_eval=np.asarray(ts)).y.T
+
+    rows = []
+
+    @jax.jit
+    def nde_solve(u0, p):
+        sol = nde.solve(nde.ODETerm(lv), nde.Tsit5(), u0, ts, args=p, rtol=rtol, atol=atol,
+                        sensitivity=nde.ForwardMode())
+        return sol.ys, sol.stats["num_steps"] + sol.stats["num_rejected"]
+
+    rows.append(_measure("neuralde Tsit5", nde_solve, u0, p, ref, ns.repeats))
+
+    try:
+        import diffrax
+
+        @jax.jit
+        def dfx_solve(u0, p):
+            sol = diffrax.diffeqsolve(
+                diffrax.ODETerm(lv), diffrax.Tsit5(), ts[0], ts[-1], None, u0, args=p,
+                saveat=diffrax.SaveAt(ts=ts), stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+                adjoint=diffrax.RecursiveCheckpointAdjoint(),
+            )
+            return sol.ys, sol.stats["num_steps"]
+
+        rows.append(_measure("diffrax Tsit5", dfx_solve, u0, p, ref, ns.repeats))
+    except ImportError:
+        print("diffrax not installed: pip install '.[bench]'")
+
+    from jax.experimental.ode import odeint
+
+    @jax.jit
+    def ode_solve(u0, p):
+        return odeint(lambda u, t, p: lv(t, u, p), u0, ts, p, rtol=rtol, atol=atol), jnp.array(-1)
+
+    rows.append(_measure("jax odeint (Dopri5)", ode_solve, u0, p, ref, ns.repeats))
+
+    base = rows[0]
+    print(f"\nLotka-Volterra, rtol=atol={rtol}, 101 save points, {jnp.dtype(dtype).name}, jax {jax.__version__}")
+    print(f"{'library':24s} {'compile s':>10s} {'solve ms':>10s} {'steps':>6s} {'max err':>9s} {'time ratio':>11s} {'steps ratio':>11s}")
+    for r in rows:
+        steps = r["steps"] if r["steps"] >= 0 else float("nan")
+        print(f"{r['name']:24s} {r['compile']:10.3f} {1e3 * r['solve']:10.4f} {steps:6.0f} {r['err']:9.2e} "
+              f"{r['solve'] / base['solve']:11.2f} {steps / base['steps']:11.3f}")
+
+
+def _measure(name, fn, u0, p, ref, repeats):
+    t0 = time.perf_counter()
+    out = fn(u0, p)
+    _block(out)
+    compile_time = time.perf_counter() - t0
+    solve_time = _time(lambda: fn(u0, p), repeats)
+    ys, steps = out
+    err = float(np.max(np.abs(np.asarray(ys) - ref)))
+    return dict(name=name, compile=compile_time, solve=solve_time, steps=int(steps), err=err)
+
+
+if __name__ == "__main__":
+    main()

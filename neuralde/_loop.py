@@ -1,0 +1,402 @@
+"""The integration loop, written once.
+
+One iteration attempts one step: solver step -> error estimate -> controller ->
+accept or reject -> save. The loop is parameterised by
+
+* the solver (`neuralde.solvers`), which only knows how to take one step, and
+* the loop kind:
+  - ``"while"``: a plain `lax.while_loop`; the points of ``t`` that an accepted
+    step passes are filled in by a small inner `lax.while_loop` on the step's
+    dense-output polynomial (no step is shortened to hit a save time). Used for
+    the forward pass of every method that does not backpropagate through the
+    loop, and for forward-mode derivatives.
+  - ``"bounded"``: nested `lax.scan`s (see `bounded_while_loop`) that
+    reverse-mode autodiff can traverse; blocks of iterations are skipped with
+    `lax.cond` once the solve has finished, so the cost follows the steps
+    actually taken. Each iteration either takes a step or saves one pending
+    point of ``t``; its body is wrapped in `jax.checkpoint`, and the output
+    buffers are written outside the checkpoint, so reverse mode stores one small
+    carry per iteration rather than every intermediate value or the buffers.
+
+Time runs forward inside the loop: for decreasing ``t`` the loop integrates in
+``s = -t`` with the vector field negated (`Problem`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+from . import _progress
+from ._controller import PIController, all_finite, initial_step, scaled_error
+from ._interpolation import DenseHistory, evaluate_polynomial
+from ._solution import Status
+
+
+class Problem:
+    """What a solver step sees of the user's problem, in the loop's forward time
+    ``s = direction * t``. Later families extend it (Brownian increments for
+    SDEs, the dense history for delay equations)."""
+
+    def __init__(self, term, args, direction):
+        self.term = term
+        self.args = args
+        self.direction = direction
+
+    def vf(self, s, y):
+        d = self.direction
+        out = self.term.vf(d * s, y, self.args)
+        return jtu.tree_map(lambda o: d.astype(o.dtype) * o, out)
+
+
+class LoopConfig(NamedTuple):
+    """Static settings of one solve."""
+
+    solver: Any
+    controller: PIController
+    adaptive: bool
+    max_steps: int
+    dense: bool
+    progress: bool
+
+
+class _Core(NamedTuple):
+    t: jax.Array
+    y: Any
+    dt: jax.Array
+    solver_state: Any
+    err_prev: jax.Array
+    rejected_last: jax.Array
+    save_idx: jax.Array
+    num_steps: jax.Array
+    num_rejected: jax.Array
+    num_fevals: jax.Array
+    status: jax.Array
+    last: Any  # (t0, y0, coeffs) of the last accepted step, for saving
+
+
+class _Step(NamedTuple):
+    accept: jax.Array
+    t0: jax.Array
+    t1: jax.Array
+    y0: Any
+    y1: Any
+    coeffs: Any
+
+
+def _tree_where(pred, a, b):
+    return jtu.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+def _interpolate(s, t0, t1, y0, y1, coeffs):
+    theta = (s - t0) / (t1 - t0)
+    val = evaluate_polynomial(y0, coeffs, theta)
+    # The end of a step is the step's own solution, not its interpolant's
+    # rounding of it.
+    return _tree_where(s == t1, y1, val)
+
+
+def _write(buffers, idx, values, valid=True):
+    """``buffers[idx] = values`` where ``valid`` (else unchanged). A dynamic-update
+    of one row: XLA does it in place, where a scatter with dropped indices
+    copies the buffer on CPU."""
+
+    def leaf(b, v):
+        i = jnp.clip(idx, 0, b.shape[0] - 1)
+        if valid is not True:
+            v = jnp.where(valid, v, lax.dynamic_index_in_dim(b, i, 0, keepdims=False))
+        return lax.dynamic_update_index_in_dim(b, v.astype(b.dtype), i, 0)
+
+    return jtu.tree_map(leaf, buffers, values)
+
+
+def bounded_while_loop(cond_fun, body_fun, init, max_iters: int, checkpoint: bool = True):
+    """``lax.while_loop`` semantics, at most ``max_iters`` iterations, built from
+    nested `lax.scan`s so that reverse-mode autodiff works.
+
+    The iterations are split into ``depth`` levels of ``base`` each
+    (``base**depth >= max_iters``); every level checks ``cond_fun`` first and
+    skips its whole block with `lax.cond` when the loop has finished, so the
+    cost follows the iterations actually run (outside `jax.vmap`, where `cond`
+    becomes `select`). ``body_fun`` must handle its own checkpointing of
+    expensive parts; its carry may hold buffers that only receive writes.
+    """
+    max_iters = max(int(max_iters), 1)
+    depth = max(1, math.ceil(math.log(max_iters) / math.log(16))) if max_iters > 1 else 1
+    base = max(2, math.ceil(max_iters ** (1.0 / depth)))
+    while base ** (depth - 1) >= max_iters and depth > 1:
+        depth -= 1
+
+    def leaf(carry):
+        return lax.cond(cond_fun(carry), body_fun, lambda c: c, carry)
+
+    fn = leaf
+    for _ in range(depth):
+        fn = _make_block(fn, base, cond_fun)
+    return fn(init)
+
+
+def _make_block(inner, base, cond_fun):
+    def block(carry):
+        return lax.scan(lambda c, _: (inner(c), None), carry, None, length=base)[0]
+
+    return lambda carry: lax.cond(cond_fun(carry), block, lambda c: c, carry)
+
+
+def integrate(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig, kind: str):
+    """Solve and return ``(floats, ints)``: ``floats = (ys, dense_history or
+    None)`` (differentiable), ``ints = (stats, status)``.
+
+    ``ts`` must already have the time dtype; ``y0`` is a pytree of inexact
+    arrays; ``dt0`` is ``None`` or a positive scalar.
+    """
+    solver = config.solver
+    controller = config.controller
+    adaptive = config.adaptive
+    max_steps = config.max_steps
+    time_dtype = ts.dtype
+    eps = jnp.finfo(time_dtype).eps
+
+    direction = jnp.where(ts[-1] >= ts[0], 1, -1).astype(time_dtype)
+    s_save = direction * ts
+    n_save = ts.shape[0]
+    s_start, s_end = s_save[0], s_save[-1]
+    span = s_end - s_start
+    valid_times = jnp.all(s_save[1:] > s_save[:-1])
+    problem = Problem(term, args, direction)
+
+    solver_state = solver.init(problem, s_start, y0)
+    num_fevals = solver.init_fevals
+    if dt0 is None:
+        f0 = solver_state if getattr(solver, "tableau", None) is not None and solver.tableau.fsal else None
+        if f0 is None:
+            f0 = problem.vf(s_start, y0)
+            num_fevals += 1
+        dt = initial_step(problem.vf, s_start, y0, f0, solver.error_order, rtol, atol, span)
+        num_fevals += 1
+    else:
+        dt = jnp.asarray(dt0, time_dtype)
+    dt = lax.stop_gradient(dt)
+
+    finite0 = all_finite(y0) & all_finite(solver_state) & jnp.isfinite(dt)
+    status = jnp.where(
+        valid_times,
+        jnp.where(finite0, Status.SUCCESS, Status.NONFINITE_STATE),
+        Status.INVALID_TIMES,
+    ).astype(jnp.int32)
+    ys = jtu.tree_map(
+        lambda y: jnp.full((n_save,) + y.shape, jnp.nan, y.dtype).at[0].set(jnp.where(valid_times, y, jnp.nan)),
+        y0,
+    )
+
+    int32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731
+    coeff_zeros = jtu.tree_map(lambda y: jnp.zeros((solver.interp_degree,) + y.shape, y.dtype), y0)
+    core = _Core(
+        t=s_start,
+        y=y0,
+        dt=dt,
+        solver_state=solver_state,
+        err_prev=jnp.asarray(1.0, time_dtype),
+        rejected_last=jnp.asarray(False),
+        save_idx=int32(1),
+        num_steps=int32(0),
+        num_rejected=int32(0),
+        num_fevals=int32(num_fevals),
+        status=status,
+        last=(s_start, y0, coeff_zeros),
+    )
+
+    if config.dense:
+        dense = (
+            jnp.full((max_steps + 1,), jnp.inf, time_dtype).at[0].set(s_start),
+            jtu.tree_map(lambda y: jnp.zeros((max_steps,) + y.shape, y.dtype), y0),
+            jtu.tree_map(lambda c: jnp.zeros((max_steps,) + c.shape, c.dtype), coeff_zeros),
+        )
+    else:
+        dense = None
+
+    # Land on the final time rather than leave a sliver of a step: adaptive
+    # steps may stretch by up to 1% (Hairer's dopri5 does the same), fixed steps
+    # only by round-off.
+    land_slack = 0.01 if adaptive else 1e-6
+
+    def attempt_step(core: _Core):
+        t0 = core.t
+        t1 = jnp.where(t0 + core.dt * (1 + land_slack) >= s_end, s_end, t0 + core.dt)
+        h = t1 - t0
+        y1, y_err, coeffs, new_state, nfev = solver.step(problem, t0, h, core.y, core.solver_state)
+        finite = all_finite(y1)
+        if adaptive:
+            err = scaled_error(y_err, core.y, y1, rtol, atol).astype(time_dtype)
+            finite = finite & jnp.isfinite(err)
+            accept = finite & (err <= 1.0)
+            factor = controller.factor(err, core.err_prev, accept, core.rejected_last, finite, solver.error_order)
+            # The step-size sequence is not differentiated: derivatives are those
+            # of the solution on the steps taken (and err^(-1/k) has no useful
+            # derivative where the error vanishes).
+            dt_next = lax.stop_gradient(h * factor.astype(time_dtype))
+            too_small = ~accept & (dt_next < 10 * eps * jnp.maximum(jnp.abs(t0), jnp.abs(s_end)))
+            status = jnp.where(
+                too_small,
+                jnp.where(finite, Status.STEP_SIZE_TOO_SMALL, Status.NONFINITE_STATE),
+                core.status,
+            ).astype(jnp.int32)
+            err_prev = jnp.where(accept, jnp.maximum(lax.stop_gradient(err), 1e-4), core.err_prev)
+            rejected_last = ~accept
+            num_rejected = core.num_rejected + (~accept).astype(jnp.int32)
+        else:
+            accept = finite
+            dt_next = core.dt
+            status = jnp.where(finite, core.status, Status.NONFINITE_STATE).astype(jnp.int32)
+            err_prev = core.err_prev
+            rejected_last = core.rejected_last
+            num_rejected = core.num_rejected
+        new_core = core._replace(
+            t=jnp.where(accept, t1, t0),
+            y=_tree_where(accept, y1, core.y),
+            dt=dt_next,
+            solver_state=core.solver_state if new_state is None else _tree_where(accept, new_state, core.solver_state),
+            err_prev=err_prev,
+            rejected_last=rejected_last,
+            num_steps=core.num_steps + accept.astype(jnp.int32),
+            num_rejected=num_rejected,
+            num_fevals=core.num_fevals + _count_fevals(nfev),
+            status=status,
+        )
+        return new_core, _Step(accept, t0, t1, core.y, y1, coeffs)
+
+    # Explicit methods make a fixed number of evaluations per step: count them
+    # after the loop from the number of attempts instead of carrying a counter.
+    static_fevals = []
+
+    def _count_fevals(nfev):
+        if isinstance(nfev, int):
+            static_fevals[:] = [nfev]
+            return 0
+        return nfev
+
+    def write_dense(dense, step_index, step: _Step):
+        if dense is None:
+            return None
+        d_ts, d_y0, d_c = dense
+        ok = step.accept & (step_index < max_steps)
+        return (
+            _write(d_ts, step_index + 1, step.t1, ok),
+            _write(d_y0, step_index, step.y0, ok),
+            _write(d_c, step_index, step.coeffs, ok),
+        )
+
+    def report(core):
+        if config.progress:
+            jax.debug.callback(_progress.update, (core.t - s_start) / span)
+
+    def attempts(core):
+        return core.num_steps + core.num_rejected
+
+    def step_and_remember(core: _Core, dense):
+        step_index = core.num_steps
+        core, step = attempt_step(core)
+        last = _tree_where(step.accept, (step.t0, step.y0, step.coeffs), core.last)
+        return core._replace(last=last), write_dense(dense, step_index, step), step
+
+    def interpolate_last(core, s):
+        t0, y_prev, coeffs = core.last
+        return _interpolate(s, t0, core.t, y_prev, core.y, coeffs)
+
+    if config.progress:
+        jax.debug.callback(_progress.update, jnp.zeros((), time_dtype))
+
+    if kind == "while":
+        # Save-driven, as jax.experimental.ode.odeint: a scan walks the save
+        # times and stacks the saved values (no output buffer in any carry); the
+        # inner loop steps, with a small carry, until the save time is passed;
+        # the last step's polynomial then gives the value there.
+
+        def outer_body(carry, target):
+            core, dense = carry
+
+            def inner_cond(c):
+                core = c[0]
+                return (core.status == Status.SUCCESS) & (core.t < target) & (attempts(core) < max_steps)
+
+            def inner_body(c):
+                core, dense = c
+                core, dense, _ = step_and_remember(core, dense)
+                report(core)
+                return core, dense
+
+            core, dense = lax.while_loop(inner_cond, inner_body, (core, dense))
+            reached = (core.status == Status.SUCCESS) & (core.t >= target)
+            value = _tree_where(reached, interpolate_last(core, target), nan_y)
+            status = jnp.where((core.status == Status.SUCCESS) & ~reached, Status.MAX_STEPS_REACHED, core.status)
+            return (core._replace(status=status.astype(jnp.int32)), dense), value
+
+        nan_y = jtu.tree_map(lambda y: jnp.full_like(y, jnp.nan), y0)
+        (core, dense), saved = lax.scan(outer_body, (core, dense), s_save[1:])
+        ys = jtu.tree_map(lambda first, rest: jnp.concatenate([first[:1], rest]), ys, saved)
+
+    elif kind == "bounded":
+
+        def pending(core):
+            i = jnp.minimum(core.save_idx, n_save - 1)
+            return (core.save_idx < n_save) & (s_save[i] <= core.t)
+
+        def cond_fun(carry):
+            core = carry[0]
+            running = (core.t < s_end) & (attempts(core) < max_steps)
+            return (core.status == Status.SUCCESS) & (pending(core) | running)
+
+        zero_y = jtu.tree_map(jnp.zeros_like, y0)
+
+        def save_branch(core):
+            i = core.save_idx
+            t0, y_prev, coeffs = core.last
+            no_step = _Step(jnp.asarray(False), t0, core.t, y_prev, core.y, coeffs)
+            return core._replace(save_idx=i + 1), i, interpolate_last(core, s_save[i]), no_step
+
+        def step_branch(core):
+            new_core, step = attempt_step(core)
+            last = _tree_where(step.accept, (step.t0, step.y0, step.coeffs), core.last)
+            return new_core._replace(last=last), jnp.asarray(n_save, jnp.int32), zero_y, step
+
+        def iteration(core):
+            return lax.cond(pending(core), save_branch, step_branch, core)
+
+        iteration = jax.checkpoint(iteration, prevent_cse=False)
+
+        def body_fun(carry):
+            core, ys, dense = carry
+            step_index = core.num_steps
+            core, save_at, save_val, step = iteration(core)
+            ys = _write(ys, save_at, save_val, save_at < n_save)
+            dense = write_dense(dense, step_index, step)
+            report(core)
+            return core, ys, dense
+
+        core, ys, dense = bounded_while_loop(cond_fun, body_fun, (core, ys, dense), max_steps + n_save)
+    else:  # pragma: no cover - internal misuse
+        raise ValueError(f"unknown loop kind {kind!r}")
+
+    if config.progress:
+        jax.debug.callback(_progress.finish, (core.t - s_start) / span)
+
+    status = jnp.where((core.status == Status.SUCCESS) & (core.t < s_end), Status.MAX_STEPS_REACHED, core.status)
+    status = status.astype(jnp.int32)
+    stats = {
+        "num_steps": core.num_steps,
+        "num_rejected": core.num_rejected,
+        "num_fevals": core.num_fevals + (static_fevals[0] * attempts(core) if static_fevals else 0),
+    }
+    history = None
+    if dense is not None:
+        history = DenseHistory(ts=dense[0], y0s=dense[1], coeffs=dense[2], num_steps=core.num_steps)
+    return (ys, history), (stats, status)
+
+
+def default_controller() -> PIController:
+    return PIController()
+

@@ -1,0 +1,242 @@
+"""`solve`: validate, normalise dtypes, hand the loop to the sensitivity method,
+package the `Solution`."""
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+
+from ._loop import LoopConfig, default_controller, integrate
+from ._solution import Solution, status_messages
+from ._terms import AbstractTerm
+from .sensitivity import AbstractSensitivity, ReverseMode
+from .solvers import AbstractSolver
+
+
+def solve(
+    term: AbstractTerm,
+    solver: AbstractSolver,
+    y0: Any,
+    t: Any,
+    *,
+    args: Any = None,
+    sensitivity: Optional[AbstractSensitivity] = None,
+    rtol: float = 1e-6,
+    atol: float = 1e-6,
+    dt0: Optional[float] = None,
+    adaptive: bool = True,
+    max_steps: int = 4096,
+    key: Any = None,
+    dense: bool = False,
+    throw: bool = True,
+    progress: bool = False,
+) -> Solution:
+    """Solve a differential equation and return the state at every time in ``t``.
+
+    Args:
+        term: the equation, e.g. ``ODETerm(f)`` with ``f(t, y, args)``.
+        solver: e.g. ``Tsit5()``; must fit the term.
+        y0: initial state: an array of any shape or a pytree of arrays. Its
+            floating dtype (float32/float64) is the dtype of the solve; integer
+            states are converted to the default float dtype.
+        t: 1-D save times, strictly increasing or strictly decreasing; ``t[0]``
+            is the initial and ``t[-1]`` the final time.
+        args: any pytree passed to the vector field; differentiable.
+        sensitivity: how gradients are computed. ``None`` selects the default,
+            currently `ReverseMode()` (`CheckpointAdjoint` once it lands).
+        rtol, atol: tolerances of the adaptive step-size controller.
+        dt0: initial step (adaptive solvers; chosen automatically if ``None``) or
+            the fixed step (fixed-step solvers, ``adaptive=False``). Its sign is
+            ignored: the direction comes from ``t``.
+        adaptive: ``False`` takes fixed steps of ``dt0`` with any solver.
+        max_steps: bound on the number of steps, accepted plus rejected.
+        key: a `jax.random` key (used by stochastic terms; ignored by ODEs).
+        dense: keep the dense output for `Solution.evaluate`.
+        throw: raise a runtime error if the solve fails (otherwise only
+            ``Solution.status`` reports it).
+        progress: show a meter of the fraction of ``[t0, t1]`` done.
+    """
+    del key  # ODE terms are deterministic; stochastic terms will consume it.
+    if sensitivity is None:
+        sensitivity = ReverseMode()
+    _check_types(term, solver, sensitivity)
+    t = _as_times(t)
+    y0 = _as_state(y0)
+    _check_values(t, rtol, atol, dt0, max_steps)
+    adaptive = bool(adaptive) and solver.adaptive
+    if not adaptive and dt0 is None:
+        if solver.adaptive:
+            raise ValueError(
+                "`dt0` is required with adaptive=False: it is the fixed step size. "
+                f"Got dt0=None for {type(solver).__name__}()."
+            )
+        raise ValueError(
+            f"`dt0` is required: {type(solver).__name__}() is a fixed-step solver and dt0 is its step "
+            "size. Pass e.g. dt0=0.01, or use an adaptive solver such as Tsit5()."
+        )
+    # Numbers become (weakly typed) arrays so that a new tolerance or step size
+    # does not recompile the solve.
+    rtol, atol = _as_scalar(rtol), _as_scalar(atol)
+    dt0 = None if dt0 is None else _as_scalar(dt0)
+    return _solve_jit(
+        term, solver, y0, t, args, sensitivity, rtol, atol, dt0,
+        adaptive=adaptive, max_steps=int(max_steps), dense=bool(dense), throw=bool(throw),
+        progress=bool(progress),
+    )
+
+
+@eqx.filter_jit
+def _solve_jit(term, solver, y0, t, args, sensitivity, rtol, atol, dt0, *, adaptive, max_steps, dense, throw, progress):
+    time_dtype = _time_dtype(y0)
+    ts = t.astype(time_dtype)
+    _check_vector_field(term, ts[0], y0, args)
+    if dt0 is not None:
+        dt0 = jnp.abs(jnp.asarray(dt0, time_dtype))
+    config = LoopConfig(
+        solver=solver,
+        controller=default_controller(),
+        adaptive=adaptive,
+        max_steps=max_steps,
+        dense=dense,
+        progress=progress,
+    )
+
+    def run_integrate(inputs, kind):
+        term_, y0_, args_, ts_, rtol_, atol_, dt0_ = inputs
+        return integrate(term_, y0_, args_, ts_, rtol_, atol_, dt0_, config=config, kind=kind)
+
+    (ys, history), (stats, status) = sensitivity.run(run_integrate, (term, y0, args, ts, rtol, atol, dt0))
+    if throw:
+        ys, status = eqx.branched_error_if((ys, status), status != 0, status, status_messages())
+    direction = jnp.where(ts[-1] >= ts[0], 1, -1).astype(time_dtype)
+    return Solution(ts=ts, ys=ys, stats=stats, status=status, dense_history=history, direction=direction)
+
+
+# --------------------------------------------------------------------- checks
+
+
+def _check_types(term, solver, sensitivity):
+    if not isinstance(term, AbstractTerm):
+        hint = " Wrap the function: nde.ODETerm(f)." if callable(term) else ""
+        raise TypeError(f"`term` must be a neuralde term such as ODETerm(f); got {type(term).__name__}.{hint}")
+    if not isinstance(solver, AbstractSolver):
+        hint = " Instantiate it: e.g. Tsit5() rather than Tsit5." if isinstance(solver, type) else ""
+        raise TypeError(f"`solver` must be a neuralde solver such as Tsit5(); got {solver!r}.{hint}")
+    kind = type(term).__name__
+    if kind not in solver.term_kinds and not any(k in solver.term_kinds for k in _base_names(term)):
+        raise TypeError(
+            f"{type(solver).__name__}() cannot solve a {kind}: it accepts {', '.join(solver.term_kinds)}."
+        )
+    if not isinstance(sensitivity, AbstractSensitivity):
+        hint = " Instantiate it: e.g. ReverseMode() rather than ReverseMode." if isinstance(sensitivity, type) else ""
+        raise TypeError(
+            f"`sensitivity` must be a neuralde sensitivity method such as ReverseMode() or ForwardMode(); "
+            f"got {sensitivity!r}.{hint}"
+        )
+
+
+def _base_names(obj):
+    return [c.__name__ for c in type(obj).__mro__]
+
+
+def _as_times(t):
+    if isinstance(t, (list, tuple)):
+        t = np.asarray(t)
+    if not hasattr(t, "shape") or not hasattr(t, "dtype"):
+        raise TypeError(f"`t` must be a 1-D array of save times; got {type(t).__name__}.")
+    if t.ndim != 1:
+        raise ValueError(
+            f"`t` must be a 1-D array of save times (t[0] initial, t[-1] final); got shape {tuple(t.shape)}. "
+            "To solve over [t0, t1] only, pass jnp.array([t0, t1])."
+        )
+    if t.shape[0] < 2:
+        raise ValueError(
+            f"`t` needs at least 2 times (the initial and the final time); got {t.shape[0]}. "
+            "Pass e.g. jnp.array([t0, t1])."
+        )
+    if not jnp.issubdtype(t.dtype, jnp.floating):
+        if not jnp.issubdtype(t.dtype, jnp.integer):
+            raise TypeError(f"`t` must hold real numbers; got dtype {t.dtype}.")
+        t = jnp.asarray(t, dtype=jnp.result_type(float))
+    return jnp.asarray(t)
+
+
+def _as_state(y0):
+    leaves, treedef = jtu.tree_flatten(y0)
+    if not leaves:
+        raise ValueError(f"`y0` must contain at least one array; got {y0!r}.")
+    out = []
+    for leaf in leaves:
+        if isinstance(leaf, (str, bytes)) or not (hasattr(leaf, "dtype") or isinstance(leaf, (int, float, complex, bool))):
+            raise TypeError(f"`y0` must be an array or a pytree of arrays; found a leaf of type {type(leaf).__name__}.")
+        x = jnp.asarray(leaf)
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            x = x.astype(jnp.result_type(float))
+        out.append(x)
+    return jtu.tree_unflatten(treedef, out)
+
+
+def _as_scalar(x):
+    if isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool):
+        return jnp.asarray(float(x))
+    return x
+
+
+def _concrete(x) -> bool:
+    return x is not None and not isinstance(x, jax.core.Tracer)
+
+
+def _check_values(t, rtol, atol, dt0, max_steps):
+    for name, tol in (("rtol", rtol), ("atol", atol)):
+        if tol is None:
+            raise ValueError(f"`{name}` must be a positive number; got None.")
+        if _concrete(tol):
+            arr = np.asarray(tol)
+            if arr.ndim != 0:
+                raise ValueError(f"`{name}` must be a scalar; got shape {arr.shape}.")
+            if not np.isfinite(arr) or arr <= 0:
+                raise ValueError(f"`{name}` must be positive and finite; got {name}={arr.item()!r}.")
+    if _concrete(dt0):
+        arr = np.asarray(dt0)
+        if arr.ndim != 0 or not np.isfinite(arr) or arr == 0:
+            raise ValueError(f"`dt0` must be a non-zero finite scalar step size (or None); got dt0={dt0!r}.")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
+        raise ValueError(f"`max_steps` must be a positive integer; got {max_steps!r}.")
+
+
+def _time_dtype(y0):
+    dtypes = [jnp.finfo(leaf.dtype).dtype for leaf in jtu.tree_leaves(y0)]
+    return jnp.result_type(*dtypes)
+
+
+def _describe(tree):
+    return jtu.tree_map(lambda x: f"{x.dtype}{list(x.shape)}", tree)
+
+
+def _check_vector_field(term, t0, y0, args):
+    out = jax.eval_shape(functools.partial(term.vf), t0, y0, args)
+    want_def = jtu.tree_structure(y0)
+    got_def = jtu.tree_structure(out)
+    if want_def != got_def:
+        raise ValueError(
+            "The vector field must return the same pytree structure as `y0`; "
+            f"y0 is {_describe(y0)} but the vector field returned {_describe(out)}."
+        )
+    paths = [jtu.keystr(p) or "y" for p, _ in jtu.tree_flatten_with_path(y0)[0]]
+    for path, want, got in zip(paths, jtu.tree_leaves(y0), jtu.tree_leaves(out)):
+        if tuple(want.shape) != tuple(got.shape):
+            raise ValueError(
+                f"The vector field returned shape {tuple(got.shape)} for {path}, but `y0` has shape "
+                f"{tuple(want.shape)} there; dy/dt must have the shape of y."
+            )
+        if want.dtype != got.dtype:
+            raise TypeError(
+                f"The vector field returned dtype {got.dtype} for {path}, but `y0` has dtype {want.dtype}; "
+                f"dy/dt must have the dtype of y. Cast the output (e.g. .astype(y.dtype)) or create y0 "
+                f"with dtype {got.dtype}."
+            )

@@ -1,0 +1,39 @@
+"""How a solve is differentiated.
+
+A sensitivity method owns the loop primitive and the gradient rule. `solve`
+hands it ``integrate(inputs, kind)``, a pure function of
+``inputs = (term, y0, args, ts, rtol, atol, dt0)`` returning
+``(floats, ints)`` (see `neuralde._loop.integrate`); the method decides which
+loop kind runs and how derivatives pass through it.
+"""
+from __future__ import annotations
+
+import equinox as eqx
+
+
+class AbstractSensitivity(eqx.Module):
+    def run(self, integrate, inputs):
+        raise NotImplementedError
+
+
+class _ConvertedTerm(eqx.Module):
+    """A term whose vector field had its closed-over arrays hoisted into
+    ``consts`` (see `closure_convert_term`)."""
+
+    fn: object = eqx.field(static=True)
+    consts: tuple
+    base: object = eqx.field(static=True)
+
+    def vf(self, t, y, args):
+        return self.fn(t, y, args, *self.consts)
+
+
+def closure_convert_term(term, t0, y0, args):
+    """Hoist every array the vector field closes over (including the parameters
+    of an `eqx.Module` field and tracers of an outer transformation) into
+    explicit inputs, so that a custom derivative rule differentiates them
+    instead of silently treating them as constants."""
+    import jax
+
+    fn, consts = jax.closure_convert(lambda t, y, a: term.vf(t, y, a), t0, y0, args)
+    return _ConvertedTerm(fn=fn, consts=tuple(consts), base=type(term).__name__)

@@ -1,0 +1,44 @@
+"""The interface every solver family implements.
+
+A solver is a stateless `eqx.Module`; its capabilities are class attributes.
+The integration loop (`neuralde._loop`) calls
+
+    state = solver.init(problem, t0, y0)
+    y1, y_error, coeffs, state1, num_fevals = solver.step(problem, t0, dt, y0, state)
+
+where ``problem`` gives the vector field in the loop's (always forward) time
+(`problem.vf(t, y)`; later also Brownian increments and delayed history),
+``y_error`` is the embedded error estimate (``None`` for methods without one),
+``coeffs`` the step's dense-output polynomial (`neuralde._interpolation`) and
+``state1`` the solver state to carry if the step is accepted (for example the
+FSAL derivative).
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Optional
+
+import equinox as eqx
+
+
+class AbstractSolver(eqx.Module):
+    #: Order of the method (global error O(dt^order)).
+    order: ClassVar[int]
+    #: Exponent base of the controller: order of the error estimate + 1, or None.
+    error_order: ClassVar[Optional[int]] = None
+    #: Whether the solver can choose its own steps (otherwise dt0 is required).
+    adaptive: ClassVar[bool] = False
+    #: Names of the term classes the solver accepts.
+    term_kinds: ClassVar[tuple] = ("ODETerm",)
+    #: Degree of the dense-output polynomial.
+    interp_degree: ClassVar[int] = 1
+
+    def init(self, problem, t0, y0):
+        raise NotImplementedError
+
+    def step(self, problem, t0, dt, y0, state):
+        raise NotImplementedError
+
+    @property
+    def init_fevals(self) -> int:
+        """Vector-field evaluations made by `init`."""
+        return 0
