@@ -4,7 +4,8 @@ neuralde against diffrax (and jax.experimental.ode.odeint, Dopri5) in one run.
     python benchmarks/bench_lotka_volterra.py [--repeats 200] [--x64]
 
 Prints, for each library: compile time (first call, including tracing),
-steady-state time of one jitted solve (median over repeats), steps
+steady-state time of one jitted solve (median over interleaved rounds of
+repeated calls, so that all libraries see the same machine load), steps
 (accepted + rejected), max error against scipy DOP853 at rtol = atol = 1e-13,
 and the ratios to neuralde. Absolute times depend on the machine and its load;
 the ratios are what to compare.
@@ -35,8 +36,8 @@ def _block(out):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=200)
-    parser.add_argument("--x64", action="store_true", help="float64 (default float32... no: default is float64)")
+    parser.add_argument("--repeats", type=int, default=300, help="timed calls per library per round")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (machine noise)")
     parser.add_argument("--float32", action="store_true", help="solve in float32 instead of float64")
     ns = parser.parse_args()
 
@@ -70,7 +71,7 @@ def main():
                         sensitivity=nde.ForwardMode())
         return sol.ys, sol.stats["num_steps"] + sol.stats["num_rejected"]
 
-    rows.append(_measure("neuralde Tsit5", nde_solve, u0, p, ref, ns.repeats))
+    rows.append(_prepare("neuralde Tsit5", nde_solve, u0, p, ref))
 
     try:
         import diffrax
@@ -84,7 +85,7 @@ def main():
             )
             return sol.ys, sol.stats["num_steps"]
 
-        rows.append(_measure("diffrax Tsit5", dfx_solve, u0, p, ref, ns.repeats))
+        rows.append(_prepare("diffrax Tsit5", dfx_solve, u0, p, ref))
     except ImportError:
         print("diffrax not installed: pip install '.[bench]'")
 
@@ -94,7 +95,14 @@ def main():
     def ode_solve(u0, p):
         return odeint(lambda u, t, p: lv(t, u, p), u0, ts, p, rtol=rtol, atol=atol), jnp.array(-1)
 
-    rows.append(_measure("jax odeint (Dopri5)", ode_solve, u0, p, ref, ns.repeats))
+    rows.append(_prepare("jax odeint (Dopri5)", ode_solve, u0, p, ref))
+
+    samples = {r["name"]: [] for r in rows}
+    for _ in range(ns.rounds):
+        for r in rows:
+            samples[r["name"]].append(_time(lambda: r["fn"](u0, p), ns.repeats))
+    for r in rows:
+        r["solve"] = float(np.median(samples[r["name"]]))
 
     base = rows[0]
     print(f"\nLotka-Volterra, rtol=atol={rtol}, 101 save points, {jnp.dtype(dtype).name}, jax {jax.__version__}")
@@ -105,15 +113,14 @@ def main():
               f"{r['solve'] / base['solve']:11.2f} {steps / base['steps']:11.3f}")
 
 
-def _measure(name, fn, u0, p, ref, repeats):
+def _prepare(name, fn, u0, p, ref):
     t0 = time.perf_counter()
     out = fn(u0, p)
     _block(out)
     compile_time = time.perf_counter() - t0
-    solve_time = _time(lambda: fn(u0, p), repeats)
     ys, steps = out
     err = float(np.max(np.abs(np.asarray(ys) - ref)))
-    return dict(name=name, compile=compile_time, solve=solve_time, steps=int(steps), err=err)
+    return dict(name=name, fn=fn, compile=compile_time, steps=int(steps), err=err)
 
 
 if __name__ == "__main__":
