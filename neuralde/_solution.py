@@ -33,7 +33,8 @@ _MESSAGES = {
     Status.MAX_STEPS_REACHED: (
         "The solver used up `max_steps` steps (accepted + rejected) before reaching the final "
         "time. If the step size collapsed while the solution changes slowly, the problem is "
-        "probably stiff: use an implicit (stiff) solver instead of an explicit one. Otherwise "
+        "probably stiff: use an implicit (stiff) solver instead of an explicit one; or `rtol`/`atol` "
+        "may be below what the state's dtype can resolve (float32 resolves ~1e-7 relative). Otherwise "
         "raise `max_steps`, loosen `rtol`/`atol`, or shorten the time span."
     ),
     Status.STEP_SIZE_TOO_SMALL: (

@@ -3,6 +3,7 @@ package the `Solution`."""
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Optional
 
 import equinox as eqx
@@ -69,6 +70,8 @@ def solve(
     y0 = _as_state(y0)
     _check_values(t, rtol, atol, dt0, max_steps)
     adaptive = bool(adaptive) and solver.adaptive
+    if adaptive:
+        _warn_unreachable_tolerance(rtol, _time_dtype(y0))
     if not adaptive and dt0 is None:
         if solver.adaptive:
             raise ValueError(
@@ -207,6 +210,19 @@ def _check_values(t, rtol, atol, dt0, max_steps):
             raise ValueError(f"`dt0` must be a non-zero finite scalar step size (or None); got dt0={dt0!r}.")
     if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
         raise ValueError(f"`max_steps` must be a positive integer; got {max_steps!r}.")
+
+
+def _warn_unreachable_tolerance(rtol, dtype):
+    if not _concrete(rtol):
+        return
+    eps = float(jnp.finfo(dtype).eps)
+    if float(np.asarray(rtol)) < 10 * eps:
+        warnings.warn(
+            f"rtol={float(np.asarray(rtol)):g} is below what {jnp.dtype(dtype).name} can resolve (machine epsilon "
+            f"{eps:.1e}): rounding noise will look like error and the step size may collapse. Use rtol >= "
+            f"{10 * eps:.0e}, or a float64 state (jax.config.update('jax_enable_x64', True)).",
+            stacklevel=3,
+        )
 
 
 def _time_dtype(y0):

@@ -178,3 +178,8 @@ def test_eqx_module_field_type_error_names_argument():
 
     with pytest.raises(TypeError, match=r"dtype float16.*float64"):
         nde.solve(nde.ODETerm(Field(jnp.ones(2))), nde.Tsit5(), Y0, TS)
+
+
+def test_tolerance_below_precision_warns():
+    with pytest.warns(UserWarning, match=r"rtol=1e-10 is below what float32 can resolve"):
+        nde.solve(TERM, nde.Tsit5(), jnp.ones(2, jnp.float32), TS, rtol=1e-10, atol=1e-10, throw=False)
