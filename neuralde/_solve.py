@@ -216,7 +216,7 @@ def _warn_unreachable_tolerance(rtol, dtype):
     if not _concrete(rtol):
         return
     eps = float(jnp.finfo(dtype).eps)
-    if float(np.asarray(rtol)) < 10 * eps:
+    if float(np.asarray(rtol)) < eps:
         warnings.warn(
             f"rtol={float(np.asarray(rtol)):g} is below what {jnp.dtype(dtype).name} can resolve (machine epsilon "
             f"{eps:.1e}): rounding noise will look like error and the step size may collapse. Use rtol >= "
