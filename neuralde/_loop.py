@@ -79,6 +79,25 @@ class _Core(NamedTuple):
     last: Any  # (t0, y0, coeffs) of the last accepted step, for saving
 
 
+def _pack(core: _Core):
+    """The carry of the while loops, with the scalars gathered into two small
+    arrays: every separate buffer of a loop carry costs a copy each time the
+    inner loop is entered, which dominated saving at many times."""
+    floats = jnp.stack([core.t, core.dt, core.err_prev, core.last[0]])
+    ints = jnp.stack([core.save_idx, core.num_steps, core.num_rejected, core.num_fevals, core.status,
+                      core.rejected_last.astype(jnp.int32)])
+    return floats, ints, core.y, core.solver_state, core.last[1], core.last[2]
+
+
+def _unpack(packed) -> _Core:
+    floats, ints, y, solver_state, last_y0, last_coeffs = packed
+    return _Core(
+        t=floats[0], y=y, dt=floats[1], solver_state=solver_state, err_prev=floats[2],
+        rejected_last=ints[5].astype(bool), save_idx=ints[0], num_steps=ints[1], num_rejected=ints[2],
+        num_fevals=ints[3], status=ints[4], last=(floats[3], last_y0, last_coeffs),
+    )
+
+
 class _Step(NamedTuple):
     accept: jax.Array
     t0: jax.Array
@@ -317,26 +336,27 @@ def integrate(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig, kind: 
         # the last step's polynomial then gives the value there.
 
         def outer_body(carry, target):
-            core, dense = carry
+            packed, dense = carry
 
             def inner_cond(c):
-                core = c[0]
+                core = _unpack(c[0])
                 return (core.status == Status.SUCCESS) & (core.t < target) & (attempts(core) < max_steps)
 
             def inner_body(c):
-                core, dense = c
-                core, dense, _ = step_and_remember(core, dense)
+                core, dense, _ = step_and_remember(_unpack(c[0]), c[1])
                 report(core)
-                return core, dense
+                return _pack(core), dense
 
-            core, dense = lax.while_loop(inner_cond, inner_body, (core, dense))
+            packed, dense = lax.while_loop(inner_cond, inner_body, (packed, dense))
+            core = _unpack(packed)
             reached = (core.status == Status.SUCCESS) & (core.t >= target)
             value = _tree_where(reached, interpolate_last(core, target), nan_y)
             status = jnp.where((core.status == Status.SUCCESS) & ~reached, Status.MAX_STEPS_REACHED, core.status)
-            return (core._replace(status=status.astype(jnp.int32)), dense), value
+            return (_pack(core._replace(status=status.astype(jnp.int32))), dense), value
 
         nan_y = jtu.tree_map(lambda y: jnp.full_like(y, jnp.nan), y0)
-        (core, dense), saved = lax.scan(outer_body, (core, dense), s_save[1:])
+        (packed, dense), saved = lax.scan(outer_body, (_pack(core), dense), s_save[1:])
+        core = _unpack(packed)
         ys = jtu.tree_map(lambda first, rest: jnp.concatenate([first[:1], rest]), ys, saved)
 
     elif kind == "bounded":
