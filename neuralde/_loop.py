@@ -366,7 +366,7 @@ def integrate(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig, kind: 
             return (core.save_idx < n_save) & (s_save[i] <= core.t)
 
         def cond_fun(carry):
-            core = carry[0]
+            core = _unpack(carry[0])
             running = (core.t < s_end) & (attempts(core) < max_steps)
             return (core.status == Status.SUCCESS) & (pending(core) | running)
 
@@ -383,21 +383,25 @@ def integrate(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig, kind: 
             last = _tree_where(step.accept, (step.t0, step.y0, step.coeffs), core.last)
             return new_core._replace(last=last), jnp.asarray(n_save, jnp.int32), zero_y, step
 
-        def iteration(core):
-            return lax.cond(pending(core), save_branch, step_branch, core)
+        def iteration(packed):
+            core = _unpack(packed)
+            core, save_at, save_val, step = lax.cond(pending(core), save_branch, step_branch, core)
+            return _pack(core), save_at, save_val, step
 
         iteration = jax.checkpoint(iteration, prevent_cse=False)
 
         def body_fun(carry):
-            core, ys, dense = carry
-            step_index = core.num_steps
-            core, save_at, save_val, step = iteration(core)
+            packed, ys, dense = carry
+            step_index = _unpack(packed).num_steps
+            packed, save_at, save_val, step = iteration(packed)
+            core = _unpack(packed)
             ys = _write(ys, save_at, save_val, save_at < n_save)
             dense = write_dense(dense, step_index, step)
             report(core)
-            return core, ys, dense
+            return packed, ys, dense
 
-        core, ys, dense = bounded_while_loop(cond_fun, body_fun, (core, ys, dense), max_steps + n_save)
+        packed, ys, dense = bounded_while_loop(cond_fun, body_fun, (_pack(core), ys, dense), max_steps + n_save)
+        core = _unpack(packed)
     else:  # pragma: no cover - internal misuse
         raise ValueError(f"unknown loop kind {kind!r}")
 
