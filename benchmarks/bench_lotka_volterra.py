@@ -60,8 +60,12 @@ def main():
 
     from scipy.integrate import solve_ivp
 
-    ref = solve_ivp(lambda t, u: np.asarray(lv(t, jnp.asarray(u), np.asarray(p))), (0.0, 10.0), np.asarray(u0),
-                    method="DOP853", rtol=1e-13, atol=1e-13, t_eval=np.asarray(ts)).y.T
+    def lv_numpy(t, u):  # float64 whatever the solve's dtype: the reference must not inherit float32 noise
+        x, y = u
+        return np.array([1.5 * x - x * y, -3.0 * y + x * y])
+
+    ref = solve_ivp(lv_numpy, (0.0, 10.0), np.array([1.0, 1.0]), method="DOP853", rtol=1e-13, atol=1e-13,
+                    t_eval=np.linspace(0.0, 10.0, 101)).y.T
 
     rows = []
 
