@@ -3,7 +3,7 @@ from ._solution import Solution, Status
 from ._solve import solve
 from ._terms import AbstractTerm, ODETerm
 from .nn import NeuralODE
-from .sensitivity import AbstractSensitivity, ForwardMode, ReverseMode
+from .sensitivity import AbstractSensitivity, CheckpointAdjoint, ForwardMode, ReverseMode
 from .solvers import RK4, AbstractSolver, Dopri5, Euler, Heun, Tsit5
 
 __version__ = "0.1.0"
@@ -22,6 +22,7 @@ __all__ = [
     "Tsit5",
     "AbstractSensitivity",
     "ReverseMode",
+    "CheckpointAdjoint",
     "ForwardMode",
     "NeuralODE",
 ]

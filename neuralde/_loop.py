@@ -166,13 +166,8 @@ def _make_block(inner, base, cond_fun):
     return lambda carry: lax.cond(cond_fun(carry), block, lambda c: c, carry)
 
 
-def integrate(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig, kind: str):
-    """Solve and return ``(floats, ints)``: ``floats = (ys, dense_history or
-    None)`` (differentiable), ``ints = (stats, status)``.
-
-    ``ts`` must already have the time dtype; ``y0`` is a pytree of inexact
-    arrays; ``dt0`` is ``None`` or a positive scalar.
-    """
+def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) -> "Program":
+    """Set up one solve: its initial carry and the functions that advance it."""
     solver = config.solver
     controller = config.controller
     adaptive = config.adaptive
@@ -326,15 +321,48 @@ def integrate(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig, kind: 
         t0, y_prev, coeffs = core.last
         return _interpolate(s, t0, core.t, y_prev, core.y, coeffs)
 
-    if config.progress:
-        jax.debug.callback(_progress.update, jnp.zeros((), time_dtype))
+    # --- the step-or-save iteration (bounded loop, checkpointed adjoint) ---
+    # One iteration either saves one pending point of ``t`` from the last
+    # step's polynomial or attempts one step; writes to the output buffers are
+    # returned rather than done, so that callers keep the buffers out of any
+    # checkpoint or custom derivative.
 
-    if kind == "while":
+    def pending(core):
+        i = jnp.minimum(core.save_idx, n_save - 1)
+        return (core.save_idx < n_save) & (s_save[i] <= core.t)
+
+    def cond_fun(packed):
+        core = _unpack(packed)
+        running = (core.t < s_end) & (attempts(core) < max_steps)
+        return (core.status == Status.SUCCESS) & (pending(core) | running)
+
+    zero_y = jtu.tree_map(jnp.zeros_like, y0)
+
+    def save_branch(core):
+        i = core.save_idx
+        t0, y_prev, coeffs = core.last
+        no_step = _Step(jnp.asarray(False), t0, core.t, y_prev, core.y, coeffs)
+        return core._replace(save_idx=i + 1), i, interpolate_last(core, s_save[i]), no_step
+
+    def step_branch(core):
+        new_core, step = attempt_step(core)
+        last = _tree_where(step.accept, (step.t0, step.y0, step.coeffs), core.last)
+        return new_core._replace(last=last), jnp.asarray(n_save, jnp.int32), zero_y, step
+
+    def iteration(packed):
+        core = _unpack(packed)
+        core, save_at, save_val, step = lax.cond(pending(core), save_branch, step_branch, core)
+        return _pack(core), save_at, save_val, step
+
+    def apply_writes(ys, dense, step_index, save_at, save_val, step):
+        ys = _write(ys, save_at, save_val, save_at < n_save)
+        return ys, write_dense(dense, step_index, step)
+
+    def run_while():
         # Save-driven, as jax.experimental.ode.odeint: a scan walks the save
         # times and stacks the saved values (no output buffer in any carry); the
         # inner loop steps, with a small carry, until the save time is passed;
         # the last step's polynomial then gives the value there.
-
         def outer_body(carry, target):
             packed, dense = carry
 
@@ -355,70 +383,93 @@ def integrate(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig, kind: 
             return (_pack(core._replace(status=status.astype(jnp.int32))), dense), value
 
         nan_y = jtu.tree_map(lambda y: jnp.full_like(y, jnp.nan), y0)
-        (packed, dense), saved = lax.scan(outer_body, (_pack(core), dense), s_save[1:])
-        core = _unpack(packed)
-        ys = jtu.tree_map(lambda first, rest: jnp.concatenate([first[:1], rest]), ys, saved)
+        start()
+        (packed, dense_out), saved = lax.scan(outer_body, (_pack(core), dense), s_save[1:])
+        ys_out = jtu.tree_map(lambda first, rest: jnp.concatenate([first[:1], rest]), ys, saved)
+        return finalize(packed, ys_out, dense_out)
 
-    elif kind == "bounded":
-
-        def pending(core):
-            i = jnp.minimum(core.save_idx, n_save - 1)
-            return (core.save_idx < n_save) & (s_save[i] <= core.t)
-
-        def cond_fun(carry):
-            core = _unpack(carry[0])
-            running = (core.t < s_end) & (attempts(core) < max_steps)
-            return (core.status == Status.SUCCESS) & (pending(core) | running)
-
-        zero_y = jtu.tree_map(jnp.zeros_like, y0)
-
-        def save_branch(core):
-            i = core.save_idx
-            t0, y_prev, coeffs = core.last
-            no_step = _Step(jnp.asarray(False), t0, core.t, y_prev, core.y, coeffs)
-            return core._replace(save_idx=i + 1), i, interpolate_last(core, s_save[i]), no_step
-
-        def step_branch(core):
-            new_core, step = attempt_step(core)
-            last = _tree_where(step.accept, (step.t0, step.y0, step.coeffs), core.last)
-            return new_core._replace(last=last), jnp.asarray(n_save, jnp.int32), zero_y, step
-
-        def iteration(packed):
-            core = _unpack(packed)
-            core, save_at, save_val, step = lax.cond(pending(core), save_branch, step_branch, core)
-            return _pack(core), save_at, save_val, step
-
-        iteration = jax.checkpoint(iteration, prevent_cse=False)
+    def run_bounded():
+        checkpointed = jax.checkpoint(iteration, prevent_cse=False)
 
         def body_fun(carry):
             packed, ys, dense = carry
             step_index = _unpack(packed).num_steps
-            packed, save_at, save_val, step = iteration(packed)
-            core = _unpack(packed)
-            ys = _write(ys, save_at, save_val, save_at < n_save)
-            dense = write_dense(dense, step_index, step)
-            report(core)
+            packed, save_at, save_val, step = checkpointed(packed)
+            ys, dense = apply_writes(ys, dense, step_index, save_at, save_val, step)
+            report(_unpack(packed))
             return packed, ys, dense
 
-        packed, ys, dense = bounded_while_loop(cond_fun, body_fun, (_pack(core), ys, dense), max_steps + n_save)
+        start()
+        packed, ys_out, dense_out = bounded_while_loop(
+            lambda c: cond_fun(c[0]), body_fun, (_pack(core), ys, dense), max_steps + n_save
+        )
+        return finalize(packed, ys_out, dense_out)
+
+    def start():
+        if config.progress:
+            jax.debug.callback(_progress.update, jnp.zeros((), time_dtype))
+
+    def finalize(packed, ys, dense):
         core = _unpack(packed)
-    else:  # pragma: no cover - internal misuse
-        raise ValueError(f"unknown loop kind {kind!r}")
+        if config.progress:
+            jax.debug.callback(_progress.finish, (core.t - s_start) / span)
+        status = jnp.where((core.status == Status.SUCCESS) & (core.t < s_end), Status.MAX_STEPS_REACHED, core.status)
+        stats = {
+            "num_steps": core.num_steps,
+            "num_rejected": core.num_rejected,
+            "num_fevals": core.num_fevals + (static_fevals[0] * attempts(core) if static_fevals else 0),
+        }
+        history = None
+        if dense is not None:
+            history = DenseHistory(ts=dense[0], y0s=dense[1], coeffs=dense[2], num_steps=core.num_steps)
+        return (ys, history), (stats, status.astype(jnp.int32))
 
-    if config.progress:
-        jax.debug.callback(_progress.finish, (core.t - s_start) / span)
+    return Program(
+        packed=_pack(core), ys=ys, dense=dense, n_save=n_save, max_iters=max_steps + n_save,
+        cond=cond_fun, iteration=iteration, apply_writes=apply_writes, report=lambda p: report(_unpack(p)),
+        step_index=lambda p: _unpack(p).num_steps,
+        start=start, finalize=finalize, run_while=run_while, run_bounded=run_bounded,
+    )
 
-    status = jnp.where((core.status == Status.SUCCESS) & (core.t < s_end), Status.MAX_STEPS_REACHED, core.status)
-    status = status.astype(jnp.int32)
-    stats = {
-        "num_steps": core.num_steps,
-        "num_rejected": core.num_rejected,
-        "num_fevals": core.num_fevals + (static_fevals[0] * attempts(core) if static_fevals else 0),
-    }
-    history = None
-    if dense is not None:
-        history = DenseHistory(ts=dense[0], y0s=dense[1], coeffs=dense[2], num_steps=core.num_steps)
-    return (ys, history), (stats, status)
+
+class Program(NamedTuple):
+    """One solve as data and pure functions (see `build_program`):
+    ``packed``/``ys``/``dense`` are the initial carry and output buffers;
+    ``iteration(packed) -> (packed, save_at, save_val, step)`` is one
+    step-or-save iteration, ``cond(packed)`` says whether to go on,
+    ``apply_writes`` stores an iteration's outputs, ``finalize`` packages the
+    result; ``run_while``/``run_bounded`` are the two ready-made loops."""
+
+    packed: Any
+    ys: Any
+    dense: Any
+    n_save: int
+    max_iters: int
+    cond: Any
+    iteration: Any
+    apply_writes: Any
+    report: Any
+    step_index: Any
+    start: Any
+    finalize: Any
+    run_while: Any
+    run_bounded: Any
+
+
+def integrate(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig, kind: str):
+    """Solve and return ``(floats, ints)``: ``floats = (ys, dense_history or
+    None)`` (differentiable), ``ints = (stats, status)``.
+
+    ``ts`` must already have the time dtype; ``y0`` is a pytree of inexact
+    arrays; ``dt0`` is ``None`` or a positive scalar. ``kind`` is ``"while"``
+    or ``"bounded"`` (see the module docstring).
+    """
+    program = build_program(term, y0, args, ts, rtol, atol, dt0, config=config)
+    if kind == "while":
+        return program.run_while()
+    if kind == "bounded":
+        return program.run_bounded()
+    raise ValueError(f"unknown loop kind {kind!r}")  # pragma: no cover - internal misuse
 
 
 def default_controller() -> PIController:

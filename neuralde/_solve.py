@@ -8,14 +8,15 @@ from typing import Any, Optional
 
 import equinox as eqx
 import jax
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from ._loop import LoopConfig, default_controller, integrate
+from ._loop import LoopConfig, build_program, default_controller
 from ._solution import Solution, status_messages
 from ._terms import AbstractTerm
-from .sensitivity import AbstractSensitivity, ReverseMode
+from .sensitivity import AbstractSensitivity, CheckpointAdjoint
 from .solvers import AbstractSolver
 
 
@@ -26,7 +27,7 @@ def solve(
     t: Any,
     *,
     args: Any = None,
-    sensitivity: Optional[AbstractSensitivity] = None,
+    sensitivity: Optional[AbstractSensitivity] = CheckpointAdjoint(),
     rtol: float = 1e-6,
     atol: float = 1e-6,
     dt0: Optional[float] = None,
@@ -48,8 +49,9 @@ def solve(
         t: 1-D save times, strictly increasing or strictly decreasing; ``t[0]``
             is the initial and ``t[-1]`` the final time.
         args: any pytree passed to the vector field; differentiable.
-        sensitivity: how gradients are computed. ``None`` selects the default,
-            currently `ReverseMode()` (`CheckpointAdjoint` once it lands).
+        sensitivity: how gradients are computed: `CheckpointAdjoint()` (the
+            default; ``None`` means the same), `ReverseMode()`, `ForwardMode()`
+            or `BacksolveAdjoint()`.
         rtol, atol: tolerances of the adaptive step-size controller.
         dt0: initial step (adaptive solvers; chosen automatically if ``None``) or
             the fixed step (fixed-step solvers, ``adaptive=False``). Its sign is
@@ -64,7 +66,7 @@ def solve(
     """
     del key  # ODE terms are deterministic; stochastic terms will consume it.
     if sensitivity is None:
-        sensitivity = ReverseMode()
+        sensitivity = CheckpointAdjoint()
     _check_types(term, solver, sensitivity)
     t = _as_times(t)
     y0 = _as_state(y0)
@@ -109,11 +111,14 @@ def _solve_jit(term, solver, y0, t, args, sensitivity, rtol, atol, dt0, *, adapt
         progress=progress,
     )
 
-    def run_integrate(inputs, kind):
+    def build(inputs):
         term_, y0_, args_, ts_, rtol_, atol_, dt0_ = inputs
-        return integrate(term_, y0_, args_, ts_, rtol_, atol_, dt0_, config=config, kind=kind)
+        return build_program(term_, y0_, args_, ts_, rtol_, atol_, dt0_, config=config)
 
-    (ys, history), (stats, status) = sensitivity.run(run_integrate, (term, y0, args, ts, rtol, atol, dt0))
+    (ys, history), (stats, status) = sensitivity.run(build, (term, y0, args, ts, rtol, atol, dt0))
+    # Counters and status are integers: no derivative (a custom rule may still
+    # attach zero tangents to them, which the error check cannot take).
+    stats, status = lax.stop_gradient((stats, status))
     if throw:
         ys, status = eqx.branched_error_if((ys, status), status != 0, status, status_messages())
     direction = jnp.where(ts[-1] >= ts[0], 1, -1).astype(time_dtype)
@@ -138,7 +143,7 @@ def _check_types(term, solver, sensitivity):
     if not isinstance(sensitivity, AbstractSensitivity):
         hint = " Instantiate it: e.g. ReverseMode() rather than ReverseMode." if isinstance(sensitivity, type) else ""
         raise TypeError(
-            f"`sensitivity` must be a neuralde sensitivity method such as ReverseMode() or ForwardMode(); "
+            f"`sensitivity` must be a neuralde sensitivity method such as CheckpointAdjoint() or ReverseMode(); "
             f"got {sensitivity!r}.{hint}"
         )
 

@@ -20,7 +20,12 @@ P = jnp.array([1.5, 1.0, 3.0, 1.0])
 U0 = jnp.array([1.0, 1.0])
 TS = jnp.linspace(0.0, 5.0, 11)
 WEIGHTS = jnp.linspace(0.5, 1.5, 22).reshape(11, 2)
-SENSITIVITIES = {"reverse": nde.ReverseMode(), "forward": nde.ForwardMode()}
+SENSITIVITIES = {
+    "reverse": nde.ReverseMode(),
+    "forward": nde.ForwardMode(),
+    "checkpoint": nde.CheckpointAdjoint(),
+    "checkpoint-3": nde.CheckpointAdjoint(checkpoints=3),
+}
 
 
 def make_loss(sensitivity, rtol=1e-10):
@@ -63,12 +68,14 @@ def test_grad_vs_finite_differences(name, grads, fd_reference):
         assert rel <= 1e-6, (name, rel)
 
 
-def test_reverse_equals_forward_to_roundoff(grads):
-    for a, b in zip(grads["reverse"], grads["forward"]):
+@pytest.mark.parametrize("name", ["forward", "checkpoint", "checkpoint-3"])
+def test_exact_methods_agree_to_roundoff(name, grads):
+    # All three differentiate the same computed solution.
+    for a, b in zip(grads["reverse"], grads[name]):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", list(SENSITIVITIES))
+@pytest.mark.parametrize("name", ["reverse", "forward"])
 def test_jvp_matches_grad(name, grads):
     loss = make_loss(SENSITIVITIES[name])
     v = jnp.array([0.3, -0.2, 0.7, 0.1])

@@ -1,5 +1,6 @@
 from .base import AbstractSensitivity
+from .checkpoint import CheckpointAdjoint
 from .forward import ForwardMode
 from .reverse import ReverseMode
 
-__all__ = ["AbstractSensitivity", "ForwardMode", "ReverseMode"]
+__all__ = ["AbstractSensitivity", "CheckpointAdjoint", "ForwardMode", "ReverseMode"]

@@ -1,10 +1,11 @@
 """How a solve is differentiated.
 
 A sensitivity method owns the loop primitive and the gradient rule. `solve`
-hands it ``integrate(inputs, kind)``, a pure function of
-``inputs = (term, y0, args, ts, rtol, atol, dt0)`` returning
-``(floats, ints)`` (see `neuralde._loop.integrate`); the method decides which
-loop kind runs and how derivatives pass through it.
+hands it ``build(inputs)``, a pure function of
+``inputs = (term, y0, args, ts, rtol, atol, dt0)`` returning the solve as a
+`neuralde._loop.Program` (initial carry, one step-or-save iteration, the
+ready-made loops, finalisation to ``(floats, ints)``); the method decides which
+loop runs and how derivatives pass through it.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import equinox as eqx
 
 
 class AbstractSensitivity(eqx.Module):
-    def run(self, integrate, inputs):
+    def run(self, build, inputs):
         raise NotImplementedError
 
 

@@ -26,13 +26,13 @@ class ForwardMode(AbstractSensitivity):
     by closure conversion and differentiated too.
     """
 
-    def run(self, integrate, inputs):
+    def run(self, build, inputs):
         term, y0, args, ts, *rest = inputs
         term = closure_convert_term(term, ts[0], y0, args)
         dyn, static = eqx.partition((term, y0, args, ts, *rest), eqx.is_array)
 
         def call(d):
-            return integrate(eqx.combine(d, static), "while")
+            return build(eqx.combine(d, static)).run_while()
 
         @jax.custom_jvp
         def solve_fwd(d):

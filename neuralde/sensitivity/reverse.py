@@ -20,7 +20,7 @@ class ReverseMode(AbstractSensitivity):
     computed solution; `jax.jvp` works too.
     """
 
-    def run(self, integrate, inputs):
+    def run(self, build, inputs):
         term, y0, args, ts, *rest = inputs
         # Closed-over arrays must be explicit inputs of the custom_jvp function,
         # or their derivatives could not reach them.
@@ -29,10 +29,10 @@ class ReverseMode(AbstractSensitivity):
 
         @jax.custom_jvp
         def solve(d):
-            return integrate(eqx.combine(d, static), "while")
+            return build(eqx.combine(d, static)).run_while()
 
         @solve.defjvp
         def rule(primals, tangents):
-            return jax.jvp(lambda d: integrate(eqx.combine(d, static), "bounded"), primals, tangents)
+            return jax.jvp(lambda d: build(eqx.combine(d, static)).run_bounded(), primals, tangents)
 
         return solve(dyn)
