@@ -3,7 +3,7 @@ from ._solution import Solution, Status
 from ._solve import solve
 from ._terms import AbstractTerm, ODETerm
 from .nn import NeuralODE
-from .sensitivity import AbstractSensitivity, CheckpointAdjoint, ForwardMode, ReverseMode
+from .sensitivity import AbstractSensitivity, BacksolveAdjoint, CheckpointAdjoint, ForwardMode, ReverseMode
 from .solvers import RK4, AbstractSolver, Dopri5, Euler, Heun, Tsit5
 
 __version__ = "0.1.0"
@@ -23,6 +23,7 @@ __all__ = [
     "AbstractSensitivity",
     "ReverseMode",
     "CheckpointAdjoint",
+    "BacksolveAdjoint",
     "ForwardMode",
     "NeuralODE",
 ]

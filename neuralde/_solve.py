@@ -111,9 +111,9 @@ def _solve_jit(term, solver, y0, t, args, sensitivity, rtol, atol, dt0, *, adapt
         progress=progress,
     )
 
-    def build(inputs):
+    def build(inputs, **overrides):
         term_, y0_, args_, ts_, rtol_, atol_, dt0_ = inputs
-        return build_program(term_, y0_, args_, ts_, rtol_, atol_, dt0_, config=config)
+        return build_program(term_, y0_, args_, ts_, rtol_, atol_, dt0_, config=config._replace(**overrides))
 
     (ys, history), (stats, status) = sensitivity.run(build, (term, y0, args, ts, rtol, atol, dt0))
     # Counters and status are integers: no derivative (a custom rule may still

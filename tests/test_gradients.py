@@ -25,6 +25,7 @@ SENSITIVITIES = {
     "forward": nde.ForwardMode(),
     "checkpoint": nde.CheckpointAdjoint(),
     "checkpoint-3": nde.CheckpointAdjoint(checkpoints=3),
+    "backsolve": nde.BacksolveAdjoint(),
 }
 
 

@@ -1,0 +1,130 @@
+"""CheckpointAdjoint and BacksolveAdjoint: every solver, dense output, float32,
+batching, and the memory plan of the checkpoints."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import neuralde as nde
+
+
+def decay_rotation(t, y, args):
+    k, w = args[0], args[1]
+    return jnp.stack([-k * y[0] - w * y[1], w * y[0] - k * y[1]]) + 0.1 * jnp.sin(t)
+
+
+ARGS = jnp.array([0.3, 2.0])
+Y0 = jnp.array([1.0, 0.5])
+TS = jnp.linspace(0.0, 2.0, 9)
+WEIGHTS = jnp.linspace(-1.0, 1.0, 18).reshape(9, 2)
+
+FIXED = {"Euler": nde.Euler(), "Heun": nde.Heun(), "RK4": nde.RK4()}
+ADAPTIVE = {"Dopri5": nde.Dopri5(), "Tsit5": nde.Tsit5()}
+
+
+def loss_fn(solver, sensitivity, dtype=jnp.float64, dense=False, **kw):
+    def loss(y0, args):
+        sol = nde.solve(nde.ODETerm(decay_rotation), solver, y0, TS.astype(dtype), args=args,
+                        sensitivity=sensitivity, dense=dense, **kw)
+        out = jnp.sum(WEIGHTS.astype(dtype) * sol.ys)
+        if dense:
+            out = out + jnp.sum(sol.evaluate(jnp.array([0.37, 1.41], dtype)) ** 2)
+        return out
+
+    return loss
+
+
+def grad(loss, y0=Y0, args=ARGS):
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(y0, args)
+
+
+@pytest.mark.parametrize("name", list(FIXED) + list(ADAPTIVE))
+def test_checkpoint_equals_reverse_every_solver(name):
+    solver = {**FIXED, **ADAPTIVE}[name]
+    kw = {"dt0": 0.05} if name in FIXED else {"rtol": 1e-8, "atol": 1e-8}
+    ref = grad(loss_fn(solver, nde.ReverseMode(), **kw))
+    got = grad(loss_fn(solver, nde.CheckpointAdjoint(checkpoints=4), **kw))
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", ["RK4", "Tsit5"])
+def test_backsolve_every_solver_kind(name):
+    # The continuous adjoint converges to the exact gradient with the solver's
+    # accuracy (RK4: fixed steps, Tsit5: adaptive).
+    solver = {**FIXED, **ADAPTIVE}[name]
+    kw = {"dt0": 0.01} if name in FIXED else {"rtol": 1e-10, "atol": 1e-10}
+    ref = grad(loss_fn(solver, nde.ReverseMode(), **kw))
+    got = grad(loss_fn(solver, nde.BacksolveAdjoint(), **kw))
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-7, atol=1e-9)
+
+
+def test_dense_output_gradients():
+    ref = grad(loss_fn(nde.Tsit5(), nde.ReverseMode(), dense=True))
+    got = grad(loss_fn(nde.Tsit5(), nde.CheckpointAdjoint(), dense=True))
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-11, atol=1e-13)
+    with pytest.raises(NotImplementedError, match=r"BacksolveAdjoint cannot differentiate through Solution.evaluate"):
+        grad(loss_fn(nde.Tsit5(), nde.BacksolveAdjoint(), dense=True))
+    # dense=True without differentiating evaluate() is fine for backsolve.
+    def loss(sensitivity):
+        def f(y0, args):
+            sol = nde.solve(nde.ODETerm(decay_rotation), nde.Tsit5(), y0, TS, args=args, dense=True,
+                            sensitivity=sensitivity, rtol=1e-9, atol=1e-9)
+            return jnp.sum(WEIGHTS * sol.ys)
+
+        return f
+
+    for a, b in zip(grad(loss(nde.BacksolveAdjoint())), grad(loss(nde.ReverseMode()))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("sensitivity", [nde.CheckpointAdjoint(), nde.BacksolveAdjoint()], ids=["checkpoint", "backsolve"])
+def test_float32(sensitivity):
+    y0, args = Y0.astype(jnp.float32), ARGS.astype(jnp.float32)
+    ref = grad(loss_fn(nde.Tsit5(), nde.ReverseMode(), jnp.float32, rtol=1e-5, atol=1e-5), y0, args)
+    got = grad(loss_fn(nde.Tsit5(), sensitivity, jnp.float32, rtol=1e-5, atol=1e-5), y0, args)
+    for a, b in zip(got, ref):
+        assert a.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=2e-4)
+
+
+@pytest.mark.parametrize("sensitivity", [nde.CheckpointAdjoint(), nde.BacksolveAdjoint()], ids=["checkpoint", "backsolve"])
+def test_grad_of_vmap_equals_sum_of_per_sample(sensitivity):
+    loss = loss_fn(nde.Tsit5(), sensitivity, rtol=1e-9, atol=1e-9)
+    y0s = jnp.stack([Y0, 2 * Y0, -Y0])
+    batched = jax.jit(jax.grad(lambda a: jnp.sum(jax.vmap(loss, in_axes=(0, None))(y0s, a))))(ARGS)
+    single = jax.jit(jax.grad(loss, argnums=1))
+    total = sum(np.asarray(single(y0s[i], ARGS)) for i in range(3))
+    np.testing.assert_allclose(np.asarray(batched), total, rtol=1e-10)
+
+
+def test_checkpoint_memory_plan():
+    small = nde.CheckpointAdjoint()
+    # Small states: every iteration is a checkpoint (no second recomputation).
+    assert small.segment_length(4197, carry_bytes=8 * 7 * 2) == 1
+    # A large state (16k x 64 floats): O(sqrt(iterations)) checkpoints, never
+    # max_steps copies of the state.
+    big = 8 * 7 * 16384 * 64
+    k = small.segment_length(4197, carry_bytes=big)
+    assert k == 65 and (4197 / k + k) * big < 4197 * big / 30
+    assert nde.CheckpointAdjoint(checkpoints=10).segment_length(100, 1) == 10
+    with pytest.raises(ValueError, match=r"checkpoints=...\): expected a positive integer"):
+        nde.CheckpointAdjoint(checkpoints=0)
+
+
+def test_default_sensitivity_is_checkpoint_adjoint():
+    import inspect
+
+    default = inspect.signature(nde.solve).parameters["sensitivity"].default
+    assert isinstance(default, nde.CheckpointAdjoint)
+    # And the default matches ReverseMode to round-off.
+    ref = grad(loss_fn(nde.Tsit5(), nde.ReverseMode()))
+
+    def loss(y0, args):
+        sol = nde.solve(nde.ODETerm(decay_rotation), nde.Tsit5(), y0, TS, args=args)
+        return jnp.sum(WEIGHTS * sol.ys)
+
+    for a, b in zip(grad(loss), ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-11, atol=1e-13)
