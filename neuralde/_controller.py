@@ -14,14 +14,15 @@ def rms_norm(tree) -> jnp.ndarray:
     return jnp.sqrt(total / size)
 
 
-def scaled_error(y_err, y0, y1, rtol, atol) -> jnp.ndarray:
-    """RMS of ``y_err / (atol + rtol max(|y0|, |y1|))``; <= 1 means acceptable."""
+def scaled_error(y_err, y0, y1, rtol, atol, norm=None) -> jnp.ndarray:
+    """``norm`` (default RMS) of ``y_err / (atol + rtol max(|y0|, |y1|))``;
+    <= 1 means acceptable."""
 
     def leaf(e, a, b):
         scale = atol + rtol * jnp.maximum(jnp.abs(a), jnp.abs(b))
         return e / scale.astype(e.dtype)
 
-    return rms_norm(jtu.tree_map(leaf, y_err, y0, y1))
+    return (norm or rms_norm)(jtu.tree_map(leaf, y_err, y0, y1))
 
 
 def all_finite(tree) -> jnp.ndarray:

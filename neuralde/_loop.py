@@ -62,9 +62,9 @@ class LoopConfig(NamedTuple):
     max_steps: int
     dense: bool
     progress: bool
-    #: Optional map from a state-like pytree to the part that enters the error
-    #: norm (a seminorm, e.g. the adjoint solve without its parameter channel).
-    error_filter: Any = None
+    #: Optional norm of the scaled error pytree (default: RMS over every
+    #: element); the adjoint solve uses a mixed norm or seminorm.
+    error_norm: Any = None
 
 
 class _Core(NamedTuple):
@@ -248,8 +248,7 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
         y1, y_err, coeffs, new_state, nfev = solver.step(problem, t0, h, core.y, core.solver_state)
         finite = all_finite(y1)
         if adaptive:
-            pick = config.error_filter or (lambda tree: tree)
-            err = scaled_error(pick(y_err), pick(core.y), pick(y1), rtol, atol).astype(time_dtype)
+            err = scaled_error(y_err, core.y, y1, rtol, atol, norm=config.error_norm).astype(time_dtype)
             finite = finite & jnp.isfinite(err)
             accept = finite & (err <= 1.0)
             factor = controller.factor(err, core.err_prev, accept, core.rejected_last, finite, solver.error_order)
