@@ -1,9 +1,12 @@
 """Lotka--Volterra, Tsit5, rtol = atol = 1e-6, 101 save times on [0, 10]:
 neuralde against diffrax (and jax.experimental.ode.odeint, Dopri5) in one run.
 
-    python benchmarks/bench_lotka_volterra.py [--repeats 200] [--x64]
+    python benchmarks/bench_lotka_volterra.py [--repeats 300] [--rounds 5] [--float32] [--grad]
 
-Prints, for each library: compile time (first call, including tracing),
+With ``--grad``: one jitted ``value_and_grad`` of ``sum(ys**2)`` w.r.t. ``p``
+for each of neuralde's four gradient methods and diffrax's three adjoints
+(compile time, run time, ratio, and the relative difference of the gradient
+to neuralde's CheckpointAdjoint). Otherwise, for each library: compile time (first call, including tracing),
 steady-state time of one jitted solve (median over interleaved rounds of
 repeated calls, so that all libraries see the same machine load), steps
 (accepted + rejected), max error against scipy DOP853 at rtol = atol = 1e-13,
@@ -39,6 +42,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=300, help="timed calls per library per round")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (machine noise)")
     parser.add_argument("--float32", action="store_true", help="solve in float32 instead of float64")
+    parser.add_argument("--grad", action="store_true",
+                        help="time one jitted value_and_grad of sum(ys**2) w.r.t. p for every gradient method")
     ns = parser.parse_args()
 
     import jax
@@ -68,6 +73,8 @@ def main():
                     t_eval=np.linspace(0.0, 10.0, 101)).y.T
 
     rows = []
+    if ns.grad:
+        return _grad_table(ns, jax, jnp, nde, lv, u0, p, ts, rtol, atol)
 
     @jax.jit
     def nde_solve(u0, p):
@@ -115,6 +122,61 @@ def main():
         steps = r["steps"] if r["steps"] >= 0 else float("nan")
         print(f"{r['name']:24s} {r['compile']:10.3f} {1e3 * r['solve']:10.4f} {steps:6.0f} {r['err']:9.2e} "
               f"{r['solve'] / base['solve']:11.2f} {steps / base['steps']:11.3f}")
+
+
+def _grad_table(ns, jax, jnp, nde, lv, u0, p, ts, rtol, atol):
+    """value_and_grad of sum(ys**2) w.r.t. p: neuralde's methods and diffrax's adjoints."""
+    def nde_loss(sensitivity):
+        def loss(p):
+            return jnp.sum(nde.solve(nde.ODETerm(lv), nde.Tsit5(), u0, ts, args=p, rtol=rtol, atol=atol,
+                                     sensitivity=sensitivity).ys ** 2)
+        return loss
+
+    losses = {
+        "neuralde CheckpointAdjoint": nde_loss(nde.CheckpointAdjoint()),
+        "neuralde ReverseMode": nde_loss(nde.ReverseMode()),
+        "neuralde ForwardMode": nde_loss(nde.ForwardMode()),
+        "neuralde BacksolveAdjoint": nde_loss(nde.BacksolveAdjoint()),
+    }
+    try:
+        import diffrax
+
+        def dfx_loss(adjoint):
+            def loss(p):
+                sol = diffrax.diffeqsolve(
+                    diffrax.ODETerm(lv), diffrax.Tsit5(), ts[0], ts[-1], None, u0, args=p,
+                    saveat=diffrax.SaveAt(ts=ts), stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+                    adjoint=adjoint, max_steps=4096,
+                )
+                return jnp.sum(sol.ys ** 2)
+            return loss
+
+        losses["diffrax RecursiveCheckpointAdjoint"] = dfx_loss(diffrax.RecursiveCheckpointAdjoint())
+        losses["diffrax DirectAdjoint"] = dfx_loss(diffrax.DirectAdjoint())
+        losses["diffrax BacksolveAdjoint"] = dfx_loss(diffrax.BacksolveAdjoint())
+    except ImportError:
+        print("diffrax not installed: pip install '.[bench]'")
+
+    rows = []
+    for name, loss in losses.items():
+        fn = jax.jit(jax.value_and_grad(loss))
+        t0 = time.perf_counter()
+        value, grad = fn(p)
+        _block(grad)
+        rows.append(dict(name=name, fn=fn, compile=time.perf_counter() - t0, grad=np.asarray(grad)))
+    samples = {r["name"]: [] for r in rows}
+    for _ in range(ns.rounds):
+        for r in rows:
+            samples[r["name"]].append(_time(lambda: r["fn"](p), max(ns.repeats // 10, 10)))
+    ref = rows[0]["grad"]
+    base = float(np.median(samples[rows[0]["name"]]))
+    print(f"\nvalue_and_grad w.r.t. p of sum(ys**2), Lotka-Volterra, rtol=atol={rtol}, 101 save points, "
+          f"jax {jax.__version__}")
+    print(f"{'method':36s} {'compile s':>10s} {'grad ms':>9s} {'ratio':>7s} {'rel. diff of grad':>18s}")
+    for r in rows:
+        t = float(np.median(samples[r["name"]]))
+        diff = float(np.max(np.abs(r["grad"] - ref)) / np.max(np.abs(ref)))
+        print(f"{r['name']:36s} {r['compile']:10.2f} {1e3 * t:9.3f} {t / base:7.2f} {diff:18.1e}")
 
 
 def _prepare(name, fn, u0, p, ref):

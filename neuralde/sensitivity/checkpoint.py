@@ -152,7 +152,11 @@ class CheckpointAdjoint(AbstractSensitivity):
                     nxt = lax.cond(j < count, lambda q: prog.iteration(q)[0], lambda q: q, p)
                     return nxt, p
 
-                _, carries = lax.scan(recompute, start, jnp.arange(seg))
+                if seg == 1:
+                    # Every iteration was checkpointed: nothing to recompute.
+                    carries = jtu.tree_map(lambda x: x[None], start)
+                else:
+                    _, carries = lax.scan(recompute, start, jnp.arange(seg))
 
                 def back(j, c2):
                     jj = seg - 1 - j
