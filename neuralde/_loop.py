@@ -147,19 +147,28 @@ def bounded_while_loop(cond_fun, body_fun, init, max_iters: int, checkpoint: boo
     becomes `select`). ``body_fun`` must handle its own checkpointing of
     expensive parts; its carry may hold buffers that only receive writes.
     """
-    max_iters = max(int(max_iters), 1)
-    depth = max(1, math.ceil(math.log(max_iters) / math.log(16))) if max_iters > 1 else 1
-    base = max(2, math.ceil(max_iters ** (1.0 / depth)))
-    while base ** (depth - 1) >= max_iters and depth > 1:
-        depth -= 1
+    lengths = _level_lengths(max_iters)
 
     def leaf(carry):
         return lax.cond(cond_fun(carry), body_fun, lambda c: c, carry)
 
     fn = leaf
-    for _ in range(depth):
-        fn = _make_block(fn, base, cond_fun)
+    for length in lengths:
+        fn = _make_block(fn, length, cond_fun)
     return fn(init)
+
+
+def _level_lengths(max_iters: int, base: int = 16) -> list:
+    """Scan lengths of the nested levels: about ``base`` each, with a product
+    of at least ``max_iters`` and as little padding as possible (reverse mode
+    allocates one carry per slot)."""
+    max_iters = max(int(max_iters), 1)
+    depth = max(1, math.ceil(math.log(max_iters) / math.log(base) - 1e-12))
+    lengths = [max(1, math.ceil(max_iters ** (1.0 / depth)))] * depth
+    for i in range(depth):
+        others = math.prod(lengths[:i] + lengths[i + 1:])
+        lengths[i] = max(1, math.ceil(max_iters / others))
+    return lengths
 
 
 def _make_block(inner, base, cond_fun):

@@ -2,7 +2,6 @@
 package the `Solution`."""
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import Any, Optional
 
@@ -240,7 +239,10 @@ def _describe(tree):
 
 
 def _check_vector_field(term, t0, y0, args):
-    out = jax.eval_shape(functools.partial(term.vf), t0, y0, args)
+    # Only the arrays of `args` are abstract; strings, flags and callables in it
+    # are passed through as they are.
+    args_dyn, args_static = eqx.partition(args, eqx.is_array)
+    out = jax.eval_shape(lambda t, y, a: term.vf(t, y, eqx.combine(a, args_static)), t0, y0, args_dyn)
     want_def = jtu.tree_structure(y0)
     got_def = jtu.tree_structure(out)
     if want_def != got_def:

@@ -19,14 +19,15 @@ class AbstractSensitivity(eqx.Module):
 
 class _ConvertedTerm(eqx.Module):
     """A term whose vector field had its closed-over arrays hoisted into
-    ``consts`` (see `closure_convert_term`)."""
+    ``consts`` (see `closure_convert_term`). Non-array leaves of ``args``
+    (strings, flags, callables) stay static, baked into ``fn``."""
 
     fn: object = eqx.field(static=True)
     consts: tuple
     base: object = eqx.field(static=True)
 
     def vf(self, t, y, args):
-        return self.fn(t, y, args, *self.consts)
+        return self.fn(t, y, eqx.filter(args, eqx.is_array), *self.consts)
 
 
 def closure_convert_term(term, t0, y0, args):
@@ -36,5 +37,10 @@ def closure_convert_term(term, t0, y0, args):
     instead of silently treating them as constants."""
     import jax
 
-    fn, consts = jax.closure_convert(lambda t, y, a: term.vf(t, y, a), t0, y0, args)
+    args_dyn, args_static = eqx.partition(args, eqx.is_array)
+
+    def field(t, y, a):
+        return term.vf(t, y, eqx.combine(a, args_static))
+
+    fn, consts = jax.closure_convert(field, t0, y0, args_dyn)
     return _ConvertedTerm(fn=fn, consts=tuple(consts), base=type(term).__name__)
