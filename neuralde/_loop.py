@@ -136,7 +136,7 @@ def _write(buffers, idx, values, valid=True):
     return jtu.tree_map(leaf, buffers, values)
 
 
-def bounded_while_loop(cond_fun, body_fun, init, max_iters: int, checkpoint: bool = True):
+def bounded_while_loop(cond_fun, body_fun, init, max_iters: int):
     """``lax.while_loop`` semantics, at most ``max_iters`` iterations, built from
     nested `lax.scan`s so that reverse-mode autodiff works.
 
