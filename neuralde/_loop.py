@@ -62,6 +62,8 @@ class LoopConfig(NamedTuple):
     max_steps: int
     dense: bool
     progress: bool
+    #: Raise (True) or only report failures; adjoints read it for their backward solves.
+    throw: bool = True
     #: Optional norm of the scaled error pytree (default: RMS over every
     #: element); the adjoint solve uses a mixed norm or seminorm.
     error_norm: Any = None
@@ -437,7 +439,7 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
         return (ys, history), (stats, status.astype(jnp.int32))
 
     return Program(
-        packed=_pack(core), ys=ys, dense=dense, n_save=n_save, max_iters=max_steps + n_save,
+        packed=_pack(core), ys=ys, dense=dense, n_save=n_save, max_iters=max_steps + n_save, throw=config.throw,
         cond=cond_fun, iteration=iteration, apply_writes=apply_writes, report=lambda p: report(_unpack(p)),
         step_index=lambda p: _unpack(p).num_steps,
         start=start, finalize=finalize, run_while=run_while, run_bounded=run_bounded,
@@ -457,6 +459,7 @@ class Program(NamedTuple):
     dense: Any
     n_save: int
     max_iters: int
+    throw: bool
     cond: Any
     iteration: Any
     apply_writes: Any

@@ -108,6 +108,7 @@ def _solve_jit(term, solver, y0, t, args, sensitivity, rtol, atol, dt0, *, adapt
         max_steps=max_steps,
         dense=dense,
         progress=progress,
+        throw=throw,
     )
 
     def build(inputs, **overrides):

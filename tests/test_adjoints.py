@@ -128,3 +128,25 @@ def test_default_sensitivity_is_checkpoint_adjoint():
 
     for a, b in zip(grad(loss), ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-11, atol=1e-13)
+
+
+def lorenz(t, y, p):
+    sigma, rho, beta = p[0], p[1], p[2]
+    return jnp.stack([sigma * (y[1] - y[0]), y[0] * (rho - y[2]) - y[1], y[0] * y[1] - beta * y[2]])
+
+
+def test_backsolve_failure_is_reported_not_nan():
+    # Lorenz cannot be integrated backwards over a long span: the backward solve
+    # fails. With throw=True that is an error naming the cause and the fix;
+    # with throw=False the gradient is NaN (never plausible-looking numbers).
+    p = jnp.array([10.0, 28.0, 8.0 / 3.0])
+
+    def loss(p, sensitivity, throw):
+        sol = nde.solve(nde.ODETerm(lorenz), nde.Tsit5(), jnp.ones(3), jnp.array([0.0, 5.0]), args=p, rtol=1e-8,
+                        atol=1e-8, max_steps=2000, sensitivity=sensitivity, throw=throw)
+        return sol.ys[-1, 0]
+
+    with pytest.raises(RuntimeError, match=r"BacksolveAdjoint: the backward solve.*CheckpointAdjoint"):
+        jax.block_until_ready(jax.grad(loss)(p, nde.BacksolveAdjoint(), True))
+    assert np.all(np.isnan(np.asarray(jax.grad(loss)(p, nde.BacksolveAdjoint(), False))))
+    assert np.all(np.isfinite(np.asarray(jax.grad(loss)(p, nde.CheckpointAdjoint(), True))))

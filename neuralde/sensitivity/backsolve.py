@@ -51,6 +51,7 @@ class BacksolveAdjoint(AbstractSensitivity):
         term = closure_convert_term(term, ts[0], y0, args)
         dyn, static = eqx.partition((term, y0, args, ts, rtol, atol, dt0), eqx.is_array)
         seminorm = self.seminorm
+        throw = build(inputs).throw
 
         def program(d, **overrides):
             return build(eqx.combine(d, static), **overrides)
@@ -115,16 +116,19 @@ class BacksolveAdjoint(AbstractSensitivity):
                 seg_ts = jnp.stack([ts_d[i], ts_d[i - 1]])
                 prog = build((aug_term, z0, theta, seg_ts, rtol_v, atol_v, dt0_v),
                              dense=False, progress=False, error_norm=norm)
-                (zs, _), _ = prog.run_while()
+                (zs, _), (_, status) = prog.run_while()
                 _, a1, g1 = jtu.tree_map(lambda z: z[-1], zs)
                 # dL/dt_i through y_i = y(t_i): <dL/dy_i, f(t_i, y_i)>.
                 f_i = field(ts_d[i], y_i, theta)
                 ct_t = _dot(jtu.tree_map(lambda c: c[i], ct_ys), f_i)
-                return (a1, g1), ct_t
+                return (a1, g1), (ct_t, status)
 
             a0 = jtu.tree_map(jnp.zeros_like, y0_d)
             g0 = jtu.tree_map(jnp.zeros_like, theta)
-            (a, g), ct_t_rest = lax.scan(segment, (a0, g0), jnp.arange(n - 1, 0, -1))
+            (a, g), (ct_t_rest, statuses) = lax.scan(segment, (a0, g0), jnp.arange(n - 1, 0, -1))
+            if throw:
+                # A failed backward solve leaves NaN in the gradient: say why.
+                a, g, ct_t_rest = eqx.error_if((a, g, ct_t_rest), jnp.any(statuses != 0), _BACKWARD_FAILED)
             ct_t0 = -_dot(a, field(ts_d[0], y0_d, theta))
             ct_ts = jnp.concatenate([ct_t0[None], ct_t_rest[::-1]]).astype(ts_d.dtype)
             ct_y0 = jtu.tree_map(lambda a_, c: a_ + c[0], a, ct_ys)
@@ -135,6 +139,14 @@ class BacksolveAdjoint(AbstractSensitivity):
 
         solve.defvjp(fwd, bwd, symbolic_zeros=True)
         return solve(dyn)
+
+
+_BACKWARD_FAILED = (
+    "BacksolveAdjoint: the backward solve of the adjoint system failed (it hit max_steps, a step size "
+    "too small, or NaN/inf), so the gradient would be NaN. Integrating the state backwards is unstable "
+    "for chaotic or stiff dynamics over long spans: use CheckpointAdjoint(), which never does. "
+    "(With throw=False the gradient is returned as NaN instead.)"
+)
 
 
 def _is_zero(x):
