@@ -138,7 +138,7 @@ def _write(buffers, idx, values, valid=True):
     return jtu.tree_map(leaf, buffers, values)
 
 
-def bounded_while_loop(cond_fun, body_fun, init, max_iters: int):
+def bounded_while_loop(cond_fun, body_fun, init, max_iters: int, guard_leaf: bool = True):
     """``lax.while_loop`` semantics, at most ``max_iters`` iterations, built from
     nested `lax.scan`s so that reverse-mode autodiff works.
 
@@ -154,7 +154,9 @@ def bounded_while_loop(cond_fun, body_fun, init, max_iters: int):
     def leaf(carry):
         return lax.cond(cond_fun(carry), body_fun, lambda c: c, carry)
 
-    fn = leaf
+    # ``guard_leaf=False``: the body checks ``cond_fun`` itself (inside its own
+    # checkpoint, so that loop-invariant inputs are not stored per iteration).
+    fn = leaf if guard_leaf else body_fun
     for length in lengths:
         fn = _make_block(fn, length, cond_fun)
     return fn(init)
@@ -403,7 +405,16 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
         return finalize(packed, ys_out, dense_out)
 
     def run_bounded():
-        checkpointed = jax.checkpoint(iteration, prevent_cse=False)
+        def skip(packed):
+            core = _unpack(packed)
+            t0, y_prev, coeffs = core.last
+            no_step = _Step(jnp.asarray(False), t0, core.t, y_prev, core.y, coeffs)
+            return packed, jnp.asarray(n_save, jnp.int32), zero_y, no_step
+
+        # The guard is inside the checkpoint: the checkpoint's residuals are then
+        # exactly its inputs, and scan hoists the loop-invariant ones (the
+        # vector field's parameters) instead of storing them every iteration.
+        checkpointed = jax.checkpoint(lambda p: lax.cond(cond_fun(p), iteration, skip, p), prevent_cse=False)
 
         def body_fun(carry):
             packed, ys, dense = carry
@@ -415,7 +426,7 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
 
         start()
         packed, ys_out, dense_out = bounded_while_loop(
-            lambda c: cond_fun(c[0]), body_fun, (_pack(core), ys, dense), max_steps + n_save
+            lambda c: cond_fun(c[0]), body_fun, (_pack(core), ys, dense), max_steps + n_save, guard_leaf=False
         )
         return finalize(packed, ys_out, dense_out)
 
