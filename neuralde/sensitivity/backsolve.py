@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.lax as lax
@@ -9,7 +11,7 @@ from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from .._controller import rms_norm
 from .._terms import ODETerm
-from .base import AbstractSensitivity, closure_convert_term
+from .base import AbstractSensitivity, closure_convert_term, zero_tangents
 
 
 class BacksolveAdjoint(AbstractSensitivity):
@@ -104,7 +106,7 @@ class BacksolveAdjoint(AbstractSensitivity):
                 parts = [rms_norm(z[0]), rms_norm(z[1])]
                 if not seminorm and jtu.tree_leaves(z[2]):
                     parts.append(rms_norm(z[2]))
-                return jnp.maximum(*parts[:2]) if len(parts) == 2 else jnp.maximum(jnp.maximum(*parts[:2]), parts[2])
+                return functools.reduce(jnp.maximum, parts)
 
             n = ts_d.shape[0]
 
@@ -133,8 +135,8 @@ class BacksolveAdjoint(AbstractSensitivity):
             ct_ts = jnp.concatenate([ct_t0[None], ct_t_rest[::-1]]).astype(ts_d.dtype)
             ct_y0 = jtu.tree_map(lambda a_, c: a_ + c[0], a, ct_ys)
 
-            ct_term, ct_args = eqx.combine(g, _zero_like(theta_rest))
-            ct_d = (ct_term, ct_y0, ct_args, ct_ts, _zero_like(rtol_d), _zero_like(atol_d), _zero_like(dt0_d))
+            ct_term, ct_args = eqx.combine(g, zero_tangents(theta_rest))
+            ct_d = (ct_term, ct_y0, ct_args, ct_ts, zero_tangents(rtol_d), zero_tangents(atol_d), zero_tangents(dt0_d))
             return (ct_d,)
 
         solve.defvjp(fwd, bwd, symbolic_zeros=True)
@@ -155,16 +157,3 @@ def _is_zero(x):
 
 def _dot(a, b):
     return sum(jnp.sum(x * y) for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b)))
-
-
-def _zero_like(tree):
-    import numpy as np
-
-    def leaf(x):
-        if x is None:
-            return None
-        if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-            return jnp.zeros_like(x)
-        return np.zeros(jnp.shape(x), dtype=jax.dtypes.float0)
-
-    return jtu.tree_map(leaf, tree)

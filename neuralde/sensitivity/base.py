@@ -10,11 +10,27 @@ loop runs and how derivatives pass through it.
 from __future__ import annotations
 
 import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
 
 
 class AbstractSensitivity(eqx.Module):
     def run(self, build, inputs):
         raise NotImplementedError
+
+
+def zero_tangents(tree):
+    """Zero (co)tangents for ``tree``: zeros for inexact leaves, float0 zeros for
+    integer and boolean leaves (as JAX expects of custom rules); ``None`` stays."""
+
+    def leaf(x):
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+            return jnp.zeros_like(x)
+        return np.zeros(jnp.shape(x), dtype=jax.dtypes.float0)
+
+    return jtu.tree_map(leaf, tree)
 
 
 class _ConvertedTerm(eqx.Module):
@@ -35,8 +51,6 @@ def closure_convert_term(term, t0, y0, args):
     of an `eqx.Module` field and tracers of an outer transformation) into
     explicit inputs, so that a custom derivative rule differentiates them
     instead of silently treating them as constants."""
-    import jax
-
     args_dyn, args_static = eqx.partition(args, eqx.is_array)
 
     def field(t, y, a):

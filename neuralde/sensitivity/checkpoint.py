@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from .base import AbstractSensitivity, closure_convert_term
+from .base import AbstractSensitivity, closure_convert_term, zero_tangents
 
 # With checkpoints=None, store every iteration while that takes at most this
 # many bytes; beyond it, store O(sqrt(iterations)) checkpoints.
@@ -130,7 +130,7 @@ class CheckpointAdjoint(AbstractSensitivity):
                     ok = step.accept & (step_index < max_steps)
                     i = jnp.minimum(step_index, max_steps - 1)
                     ct_step = step._replace(
-                        accept=_float0(step.accept),
+                        accept=zero_tangents(step.accept),
                         t0=jnp.zeros_like(step.t0),
                         t1=jnp.where(ok, ct_hist.ts[i + 1], 0).astype(step.t1.dtype),
                         y0=jtu.tree_map(lambda c: jnp.where(ok, c[i], 0).astype(c.dtype), ct_hist.y0s),
@@ -138,8 +138,8 @@ class CheckpointAdjoint(AbstractSensitivity):
                         coeffs=jtu.tree_map(lambda c: jnp.where(ok, c[i], 0).astype(c.dtype), ct_hist.coeffs),
                     )
                 else:
-                    ct_step = _zero_cotangent(step)
-                ct_p, ct_dd = vjp_fn((ct_packed, _float0(save_at), ct_save, ct_step))
+                    ct_step = zero_tangents(step)
+                ct_p, ct_dd = vjp_fn((ct_packed, zero_tangents(save_at), ct_save, ct_step))
                 return ct_p, jtu.tree_map(_add, ct_d, ct_dd)
 
             def segment(c):
@@ -171,8 +171,8 @@ class CheckpointAdjoint(AbstractSensitivity):
                 return k - 1, ct_packed, ct_d
 
             n_seg = (n_iter + seg - 1) // seg
-            ct_packed0 = _zero_cotangent(prog.packed)
-            ct_d0 = _zero_cotangent(d)
+            ct_packed0 = zero_tangents(prog.packed)
+            ct_d0 = zero_tangents(d)
             _, ct_packed, ct_d = lax.while_loop(
                 lambda c: c[0] >= 0, segment, (jnp.minimum(n_seg, n_ckpt) - 1, ct_packed0, ct_d0)
             )
@@ -192,19 +192,6 @@ class CheckpointAdjoint(AbstractSensitivity):
 
         solve.defvjp(fwd, bwd)
         return solve(dyn)
-
-
-def _float0(x):
-    return np.zeros(jnp.shape(x), dtype=jax.dtypes.float0)
-
-
-def _zero_cotangent(tree):
-    def leaf(x):
-        if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-            return jnp.zeros_like(x)
-        return _float0(x)
-
-    return jtu.tree_map(leaf, tree)
 
 
 def _add(a, b):

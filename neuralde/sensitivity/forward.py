@@ -4,11 +4,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import numpy as np
 from jax.custom_derivatives import SymbolicZero
 from jax.flatten_util import ravel_pytree
 
-from .base import AbstractSensitivity, closure_convert_term
+from .base import AbstractSensitivity, closure_convert_term, zero_tangents
 
 
 class ForwardMode(AbstractSensitivity):
@@ -49,7 +48,7 @@ class ForwardMode(AbstractSensitivity):
             ]
             if not active:
                 out = call(d)
-                return out, _zero_tangents(out)
+                return out, zero_tangents(out)
             flat, unravel = ravel_pytree([leaves[i] for i in active])
 
             def g(v):
@@ -67,16 +66,7 @@ class ForwardMode(AbstractSensitivity):
             floats, ints, columns = jax.vmap(push, out_axes=(None, None, -1))(basis)
             t_flat, _ = ravel_pytree([tleaves[i] for i in active])
             t_floats = jtu.tree_map(lambda col: col @ t_flat.astype(col.dtype), columns)
-            return (floats, ints), (t_floats, _zero_tangents(ints))
+            return (floats, ints), (t_floats, zero_tangents(ints))
 
         solve_fwd.defjvp(rule, symbolic_zeros=True)
         return solve_fwd(dyn)
-
-
-def _zero_tangents(tree):
-    def leaf(x):
-        if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-            return jnp.zeros_like(x)
-        return np.zeros(jnp.shape(x), dtype=jax.dtypes.float0)
-
-    return jtu.tree_map(leaf, tree)
