@@ -90,7 +90,11 @@ def test_float32(sensitivity):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=2e-4)
 
 
-@pytest.mark.parametrize("sensitivity", [nde.CheckpointAdjoint(), nde.BacksolveAdjoint()], ids=["checkpoint", "backsolve"])
+@pytest.mark.parametrize(
+    "sensitivity",
+    [nde.CheckpointAdjoint(), nde.BacksolveAdjoint(), nde.ReverseMode(), nde.ForwardMode()],
+    ids=["checkpoint", "backsolve", "reverse", "forward"],
+)
 def test_grad_of_vmap_equals_sum_of_per_sample(sensitivity):
     loss = loss_fn(nde.Tsit5(), sensitivity, rtol=1e-9, atol=1e-9)
     y0s = jnp.stack([Y0, 2 * Y0, -Y0])
