@@ -78,8 +78,7 @@ def main():
 
     @jax.jit
     def nde_solve(u0, p):
-        sol = nde.solve(nde.ODETerm(lv), nde.Tsit5(), u0, ts, args=p, rtol=rtol, atol=atol,
-                        sensitivity=nde.ForwardMode())
+        sol = nde.solve(nde.ODETerm(lv), nde.Tsit5(), u0, ts, args=p, rtol=rtol, atol=atol)
         return sol.ys, sol.stats["num_steps"] + sol.stats["num_rejected"]
 
     rows.append(_prepare("neuralde Tsit5", nde_solve, u0, p, ref))
