@@ -498,6 +498,3 @@ def integrate(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig, kind: 
     raise ValueError(f"unknown loop kind {kind!r}")  # pragma: no cover - internal misuse
 
 
-def default_controller() -> PIController:
-    return PIController()
-

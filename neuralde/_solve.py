@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from ._loop import LoopConfig, build_program, default_controller
+from ._controller import PIController
+from ._loop import LoopConfig, build_program
 from ._solution import Solution, status_messages
 from ._terms import AbstractTerm
 from .sensitivity import AbstractSensitivity, CheckpointAdjoint
@@ -69,7 +70,7 @@ def solve(
     _check_types(term, solver, sensitivity)
     t = _as_times(t)
     y0 = _as_state(y0)
-    _check_values(t, rtol, atol, dt0, max_steps)
+    _check_values(rtol, atol, dt0, max_steps)
     adaptive = bool(adaptive) and solver.adaptive
     if adaptive:
         _warn_unreachable_tolerance(rtol, _time_dtype(y0))
@@ -103,7 +104,7 @@ def _solve_jit(term, solver, y0, t, args, sensitivity, rtol, atol, dt0, *, adapt
         dt0 = jnp.abs(jnp.asarray(dt0, time_dtype))
     config = LoopConfig(
         solver=solver,
-        controller=default_controller(),
+        controller=PIController(),
         adaptive=adaptive,
         max_steps=max_steps,
         dense=dense,
@@ -199,7 +200,7 @@ def _concrete(x) -> bool:
     return x is not None and not isinstance(x, jax.core.Tracer)
 
 
-def _check_values(t, rtol, atol, dt0, max_steps):
+def _check_values(rtol, atol, dt0, max_steps):
     for name, tol in (("rtol", rtol), ("atol", atol)):
         if tol is None:
             raise ValueError(f"`{name}` must be a positive number; got None.")

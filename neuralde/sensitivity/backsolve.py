@@ -53,7 +53,8 @@ class BacksolveAdjoint(AbstractSensitivity):
         term = closure_convert_term(term, ts[0], y0, args)
         dyn, static = eqx.partition((term, y0, args, ts, rtol, atol, dt0), eqx.is_array)
         seminorm = self.seminorm
-        throw = build(inputs).throw
+        # Set by fwd (which builds the forward program anyway), read by bwd.
+        settings = {}
 
         def program(d, **overrides):
             return build(eqx.combine(d, static), **overrides)
@@ -65,7 +66,9 @@ class BacksolveAdjoint(AbstractSensitivity):
         def fwd(d):
             # With symbolic zeros, the primals arrive wrapped (value, perturbed).
             d = jtu.tree_map(lambda x: x.value, d, is_leaf=lambda x: isinstance(x, CustomVJPPrimal))
-            out = program(d).run_while()
+            prog = program(d)
+            settings["throw"] = prog.throw
+            out = prog.run_while()
             return out, (d, out[0][0])
 
         def bwd(res, ct_out):
@@ -128,7 +131,7 @@ class BacksolveAdjoint(AbstractSensitivity):
             a0 = jtu.tree_map(jnp.zeros_like, y0_d)
             g0 = jtu.tree_map(jnp.zeros_like, theta)
             (a, g), (ct_t_rest, statuses) = lax.scan(segment, (a0, g0), jnp.arange(n - 1, 0, -1))
-            if throw:
+            if settings["throw"]:
                 # A failed backward solve leaves NaN in the gradient: say why.
                 a, g, ct_t_rest = eqx.error_if((a, g, ct_t_rest), jnp.any(statuses != 0), _BACKWARD_FAILED)
             ct_t0 = -_dot(a, field(ts_d[0], y0_d, theta))

@@ -40,7 +40,6 @@ class _ConvertedTerm(eqx.Module):
 
     fn: object = eqx.field(static=True)
     consts: tuple
-    base: object = eqx.field(static=True)
 
     def vf(self, t, y, args):
         return self.fn(t, y, eqx.filter(args, eqx.is_array), *self.consts)
@@ -57,4 +56,4 @@ def closure_convert_term(term, t0, y0, args):
         return term.vf(t, y, eqx.combine(a, args_static))
 
     fn, consts = jax.closure_convert(field, t0, y0, args_dyn)
-    return _ConvertedTerm(fn=fn, consts=tuple(consts), base=type(term).__name__)
+    return _ConvertedTerm(fn=fn, consts=tuple(consts))

@@ -85,13 +85,13 @@ class CheckpointAdjoint(AbstractSensitivity):
 
             def body(c):
                 packed, ys, dense, it, ckpts = c
-                store = it % seg == 0
                 slot = jnp.minimum(it // seg, n_ckpt - 1)
-                ckpts = jtu.tree_map(
-                    lambda b, x: lax.dynamic_update_index_in_dim(
-                        b, jnp.where(store, x, lax.dynamic_index_in_dim(b, slot, 0, keepdims=False)), slot, 0),
-                    ckpts, packed,
-                )
+                if seg == 1:  # every iteration is a checkpoint
+                    keep = lambda b, x: x  # noqa: E731
+                else:
+                    keep = lambda b, x: jnp.where(  # noqa: E731
+                        it % seg == 0, x, lax.dynamic_index_in_dim(b, slot, 0, keepdims=False))
+                ckpts = jtu.tree_map(lambda b, x: lax.dynamic_update_index_in_dim(b, keep(b, x), slot, 0), ckpts, packed)
                 step_index = prog.step_index(packed)
                 packed, save_at, save_val, step = prog.iteration(packed)
                 ys, dense = prog.apply_writes(ys, dense, step_index, save_at, save_val, step)
