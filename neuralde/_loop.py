@@ -35,6 +35,11 @@ from . import _progress
 from ._controller import PIController, all_finite, initial_step, scaled_error
 from ._interpolation import DenseHistory, evaluate_polynomial
 from ._solution import Status
+from .solvers.base import StepInfo
+
+# A fixed-step attempt that the solver reports as failed (a Newton iteration
+# that did not converge) cannot be retried with a smaller step.
+_FAILED_FIXED_STATUS = Status.STEP_SIZE_TOO_SMALL
 
 
 class Problem:
@@ -82,6 +87,7 @@ class _Core(NamedTuple):
     num_fevals: jax.Array
     status: jax.Array
     last: Any  # (t0, y0, coeffs) of the last accepted step, for saving
+    extra: tuple = ()  # the solver's own counters (`AbstractSolver.stat_names`)
 
 
 def _pack(core: _Core):
@@ -90,7 +96,7 @@ def _pack(core: _Core):
     inner loop is entered, which dominated saving at many times."""
     floats = jnp.stack([core.t, core.dt, core.err_prev, core.last[0]])
     ints = jnp.stack([core.save_idx, core.num_steps, core.num_rejected, core.num_fevals, core.status,
-                      core.rejected_last.astype(jnp.int32)])
+                      core.rejected_last.astype(jnp.int32), *core.extra])
     return floats, ints, core.y, core.solver_state, core.last[1], core.last[2]
 
 
@@ -100,6 +106,7 @@ def _unpack(packed) -> _Core:
         t=floats[0], y=y, dt=floats[1], solver_state=solver_state, err_prev=floats[2],
         rejected_last=ints[5].astype(bool), save_idx=ints[0], num_steps=ints[1], num_rejected=ints[2],
         num_fevals=ints[3], status=ints[4], last=(floats[3], last_y0, last_coeffs),
+        extra=tuple(ints[6 + i] for i in range(ints.shape[0] - 6)),
     )
 
 
@@ -238,6 +245,7 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
         num_fevals=int32(num_fevals),
         status=status,
         last=(s_start, y0, coeff_zeros),
+        extra=tuple(int32(0) for _ in solver.stat_names),
     )
 
     if config.dense:
@@ -258,13 +266,21 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
         t0 = core.t
         t1 = jnp.where(t0 + core.dt * (1 + land_slack) >= s_end, s_end, t0 + core.dt)
         h = t1 - t0
-        y1, y_err, coeffs, new_state, nfev = solver.step(problem, t0, h, core.y, core.solver_state)
+        y1, y_err, coeffs, new_state, info = solver.step(problem, t0, h, core.y, core.solver_state)
+        if not isinstance(info, StepInfo):
+            info = StepInfo(nfev=info)
+        # ``ok`` False: the solver itself failed this attempt (say, a Newton
+        # iteration that did not converge); it is rejected whatever its error
+        # estimate and retried with ``dt * fail_factor``.
+        ok = jnp.asarray(True) if info.ok is None else info.ok
         finite = all_finite(y1)
         if adaptive:
             err = scaled_error(y_err, core.y, y1, rtol, atol, norm=config.error_norm).astype(time_dtype)
             finite = finite & jnp.isfinite(err)
-            accept = finite & (err <= 1.0)
+            accept = ok & finite & (err <= 1.0)
             factor = controller.factor(err, core.err_prev, accept, core.rejected_last, finite, solver.error_order)
+            if info.ok is not None:
+                factor = jnp.where(ok, factor, jnp.asarray(info.fail_factor, factor.dtype))
             # The step-size sequence is not differentiated: derivatives are those
             # of the solution on the steps taken (and err^(-1/k) has no useful
             # derivative where the error vanishes).
@@ -272,30 +288,34 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
             too_small = ~accept & (dt_next < 10 * eps * jnp.maximum(jnp.abs(t0), jnp.abs(s_end)))
             status = jnp.where(
                 too_small,
-                jnp.where(finite, Status.STEP_SIZE_TOO_SMALL, Status.NONFINITE_STATE),
+                jnp.where(finite | ~ok, Status.STEP_SIZE_TOO_SMALL, Status.NONFINITE_STATE),
                 core.status,
             ).astype(jnp.int32)
             err_prev = jnp.where(accept, jnp.maximum(lax.stop_gradient(err), 1e-4), core.err_prev)
             rejected_last = ~accept
             num_rejected = core.num_rejected + (~accept).astype(jnp.int32)
         else:
-            accept = finite
+            # Fixed steps cannot be retried: a failed attempt ends the solve.
+            accept = ok & finite
             dt_next = core.dt
-            status = jnp.where(finite, core.status, Status.NONFINITE_STATE).astype(jnp.int32)
+            failed_status = jnp.where(ok, Status.NONFINITE_STATE, _FAILED_FIXED_STATUS)
+            status = jnp.where(accept, core.status, failed_status).astype(jnp.int32)
             err_prev = core.err_prev
             rejected_last = core.rejected_last
             num_rejected = core.num_rejected
+        rejected_state = core.solver_state if info.reject_state is None else info.reject_state
         new_core = core._replace(
             t=jnp.where(accept, t1, t0),
             y=_tree_where(accept, y1, core.y),
             dt=dt_next,
-            solver_state=core.solver_state if new_state is None else _tree_where(accept, new_state, core.solver_state),
+            solver_state=rejected_state if new_state is None else _tree_where(accept, new_state, rejected_state),
             err_prev=err_prev,
             rejected_last=rejected_last,
             num_steps=core.num_steps + accept.astype(jnp.int32),
             num_rejected=num_rejected,
-            num_fevals=core.num_fevals + _count_fevals(nfev),
+            num_fevals=core.num_fevals + _count_fevals(info.nfev),
             status=status,
+            extra=tuple(c + jnp.asarray(d, jnp.int32) for c, d in zip(core.extra, info.stats)),
         )
         return new_core, _Step(accept, t0, t1, core.y, y1, coeffs)
 
@@ -443,6 +463,7 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
             "num_steps": core.num_steps,
             "num_rejected": core.num_rejected,
             "num_fevals": core.num_fevals + (static_fevals[0] * attempts(core) if static_fevals else 0),
+            **dict(zip(solver.stat_names, core.extra)),
         }
         history = None
         if dense is not None:

@@ -12,12 +12,34 @@ where ``problem`` gives the vector field in the loop's (always forward) time
 ``coeffs`` the step's dense-output polynomial (`neuralde._interpolation`) and
 ``state1`` the solver state to carry if the step is accepted (for example the
 FSAL derivative).
+
+``num_fevals`` is a Python int when every step makes the same number of
+evaluations (counted after the loop), or a `StepInfo` for solvers whose steps
+can fail on their own (an implicit solver whose Newton iteration diverges) or
+that keep extra counters.
 """
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, NamedTuple, Optional
 
 import equinox as eqx
+
+
+class StepInfo(NamedTuple):
+    """What a step reports besides its result (see the module docstring)."""
+
+    #: Vector-field evaluations of this attempt (int or traced int32).
+    nfev: Any
+    #: ``False`` rejects the step whatever its error estimate (e.g. Newton did not
+    #: converge); the loop retries with ``dt * fail_factor``. ``None``: always ok.
+    ok: Any = None
+    #: Increments of the counters named by the solver's ``stat_names``.
+    stats: tuple = ()
+    #: Step-size factor after a failed (``ok=False``) attempt.
+    fail_factor: Any = 0.25
+    #: Solver state to carry when the step is rejected (``None``: keep the old
+    #: one), e.g. a Jacobian that was refreshed during the failed attempt.
+    reject_state: Any = None
 
 
 class AbstractSolver(eqx.Module):
@@ -31,6 +53,9 @@ class AbstractSolver(eqx.Module):
     term_kinds: ClassVar[tuple] = ("ODETerm",)
     #: Degree of the dense-output polynomial.
     interp_degree: ClassVar[int] = 1
+    #: Names of extra integer counters the solver reports in `Solution.stats`
+    #: (incremented through `StepInfo.stats`).
+    stat_names: ClassVar[tuple] = ()
 
     def init(self, problem, t0, y0):
         raise NotImplementedError
