@@ -4,7 +4,7 @@ from ._solve import solve
 from ._terms import AbstractTerm, ODETerm
 from .nn import NeuralODE
 from .sensitivity import AbstractSensitivity, BacksolveAdjoint, CheckpointAdjoint, ForwardMode, ReverseMode
-from .solvers import RK4, AbstractSolver, Dopri5, Euler, Heun, Tsit5
+from .solvers import RK4, AbstractSolver, Dopri5, Euler, Heun, Kvaerno3, Kvaerno4, Kvaerno5, Tsit5
 
 __version__ = "0.1.0"
 
@@ -20,6 +20,9 @@ __all__ = [
     "RK4",
     "Dopri5",
     "Tsit5",
+    "Kvaerno3",
+    "Kvaerno4",
+    "Kvaerno5",
     "AbstractSensitivity",
     "ReverseMode",
     "CheckpointAdjoint",

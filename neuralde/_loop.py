@@ -47,10 +47,14 @@ class Problem:
     ``s = direction * t``. Later families extend it (Brownian increments for
     SDEs, the dense history for delay equations)."""
 
-    def __init__(self, term, args, direction):
+    def __init__(self, term, args, direction, rtol=None, atol=None):
         self.term = term
         self.args = args
         self.direction = direction
+        # The solve's tolerances, for solvers with inner iterations (the Newton
+        # iteration of implicit methods stops relative to them).
+        self.rtol = rtol
+        self.atol = atol
 
     def vf(self, s, y):
         d = self.direction
@@ -204,7 +208,7 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
     s_start, s_end = s_save[0], s_save[-1]
     span = s_end - s_start
     valid_times = jnp.all(s_save[1:] > s_save[:-1])
-    problem = Problem(term, args, direction)
+    problem = Problem(term, args, direction, rtol, atol)
 
     solver_state = solver.init(problem, s_start, y0)
     num_fevals = solver.init_fevals
