@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import functools
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -101,7 +102,7 @@ class BacksolveAdjoint(AbstractSensitivity):
                 neg = lambda tree: jtu.tree_map(jnp.negative, tree)  # noqa: E731
                 return fy, neg(a_y), neg(a_th)
 
-            aug_term = ODETerm(augmented)
+            aug_term = _AdjointTerm(augmented)
             # Mixed norm: the largest RMS among the state, its adjoint and the
             # parameter adjoint, so that a large parameter channel cannot dilute
             # the others; the seminorm leaves the parameter channel out.
@@ -152,6 +153,15 @@ _BACKWARD_FAILED = (
     "for chaotic or stiff dynamics over long spans: use CheckpointAdjoint(), which never does. "
     "(With throw=False the gradient is returned as NaN instead.)"
 )
+
+
+class _AdjointTerm(ODETerm):
+    """The augmented system ``(y, a, g)``: ``g`` is pure quadrature (``dg/dt``
+    does not depend on ``g`` and nothing depends on ``g``). Implicit solvers
+    read ``quadrature_last`` and leave ``g`` out of their Newton matrix, so that
+    its size is ``2 len(y)``, not ``2 len(y) + len(theta)``."""
+
+    quadrature_last: ClassVar[bool] = True
 
 
 def _is_zero(x):

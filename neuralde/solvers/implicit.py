@@ -205,6 +205,15 @@ KVAERNO4 = _kvaerno4()
 KVAERNO5 = _kvaerno5()
 
 
+def _num_quadrature(problem, y0) -> int:
+    """Size of the trailing pure-quadrature block of the state, declared by the
+    term (``quadrature_last = True``: ``y0`` is a tuple whose last element is
+    such a block), else 0."""
+    if getattr(getattr(problem, "term", None), "quadrature_last", False) and isinstance(y0, tuple):
+        return int(ravel_pytree(y0[-1])[0].shape[0])
+    return 0
+
+
 def _rms(x):
     return jnp.sqrt(jnp.mean(jnp.square(x)))
 
@@ -249,7 +258,7 @@ class ESDIRK(AbstractSolver):
 
     def init(self, problem, t0, y0):
         flat, _ = ravel_pytree(y0)
-        n = flat.shape[0] if self.linear_solver == "lu" else 0
+        n = flat.shape[0] - _num_quadrature(problem, y0) if self.linear_solver == "lu" else 0
         jac = jnp.zeros((n, n), flat.dtype)
         # (Jacobian, refresh it before the next step?)
         return jac, jnp.asarray(True)
@@ -260,6 +269,12 @@ class ESDIRK(AbstractSolver):
         y0f, unravel = ravel_pytree(y0)
         dtype = y0f.dtype
         n = y0f.shape[0]
+        # A trailing pure-quadrature block (its derivative does not depend on
+        # it, and nothing depends on it: the dL/dtheta channel of an adjoint
+        # system) needs no Newton matrix: its stage equation is explicit given the
+        # others, so Newton runs on the first ``nd`` components only and the
+        # quadrature block is updated with identity (one iteration behind).
+        nd = n - _num_quadrature(problem, y0)
         h = dt.astype(dtype)
         gamma = tab.gamma
 
@@ -270,30 +285,38 @@ class ESDIRK(AbstractSolver):
         rtol = jnp.asarray(getattr(problem, "rtol", 1e-6), dtype)
         atol = jnp.asarray(getattr(problem, "atol", 1e-6), dtype)
         y0_const = lax.stop_gradient(y0f)
-        scale = atol + rtol * jnp.abs(y0_const)
+        scale = (atol + rtol * jnp.abs(y0_const))[:nd]
         t0c = lax.stop_gradient(t0)
         hc = lax.stop_gradient(h)
 
         k1 = f(t0, y0f)
         # The Newton matrix is a fixed approximation: no derivative flows through it.
+        def f_dyn(y_dyn):
+            return f(t0c, jnp.concatenate([y_dyn, y0_const[nd:]]))[:nd]
+
         if self.linear_solver == "lu":
             jac = lax.cond(
                 refresh,
-                lambda: jax.jacfwd(lambda y: f(t0c, y))(y0_const).astype(dtype),
+                lambda: jax.jacfwd(f_dyn)(y0_const[:nd]).astype(dtype),
                 lambda: lax.stop_gradient(jac_old),
             )
             jac = lax.stop_gradient(jac)
-            lu = jsl.lu_factor(jnp.eye(n, dtype=dtype) - (gamma * hc) * jac)
+            lu = jsl.lu_factor(jnp.eye(nd, dtype=dtype) - (gamma * hc) * jac)
 
-            def newton_solve(rhs):
+            def solve_dyn(rhs):
                 return jsl.lu_solve(lu, rhs)
         else:
             jac = jac_old
-            _, jvp0 = jax.linearize(lambda y: f(t0c, y), y0_const)
+            _, jvp0 = jax.linearize(f_dyn, y0_const[:nd])
 
-            def newton_solve(rhs):
+            def solve_dyn(rhs):
                 op = lambda v: v - (gamma * hc) * jvp0(v)  # noqa: E731
                 return jssl.gmres(op, rhs, tol=self.gmres_tol, restart=self.gmres_restart)[0]
+
+        def newton_solve(rhs):
+            if nd == n:
+                return solve_dyn(rhs)
+            return jnp.concatenate([solve_dyn(rhs[:nd]), rhs[nd:]])
 
         kappa, kmax = self.kappa, self.max_newton_iters
 
@@ -328,7 +351,7 @@ class ESDIRK(AbstractSolver):
                     k, z, ndz_prev, _, _, th_max = st
                     dz = -newton_solve(res_fn(z))
                     z = z + dz
-                    ndz = _rms(dz / scale)
+                    ndz = _rms(dz[:nd] / scale)
                     theta = jnp.where(k > 0, ndz / jnp.maximum(ndz_prev, 1e-300), 0.0)
                     eta_ = theta / jnp.maximum(1 - theta, 1e-300)
                     # At least two iterations, so that the rate is measured: Hairer &
@@ -347,11 +370,12 @@ class ESDIRK(AbstractSolver):
                 # An unconverged stage fails the step; return a finite point so that
                 # the (discarded) derivative of the rejected step stays finite.
                 z = jnp.where(done, z, z_init)
-                return z, (done, k, th_max)
+                # (custom_root attaches tangents to the aux outputs: keep them float.)
+                return z, jnp.stack([done.astype(dtype), k.astype(dtype), th_max])
 
-            z, (done, k, th_max) = lax.custom_root(
-                residual, lax.stop_gradient(z_pred), solve, tangent_solve, has_aux=True
-            )
+            z, aux = lax.custom_root(residual, lax.stop_gradient(z_pred), solve, tangent_solve, has_aux=True)
+            aux = lax.stop_gradient(aux)
+            done, k, th_max = aux[0] > 0.5, aux[1].astype(jnp.int32), aux[2]
             k_i = (z - base) / (gamma * h)
             ks = ks.at[i].set(k_i)
             carry = (ks, ok & done, iters + k, jnp.maximum(theta_max, th_max))
