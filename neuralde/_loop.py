@@ -289,7 +289,10 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
             # of the solution on the steps taken (and err^(-1/k) has no useful
             # derivative where the error vanishes).
             dt_next = lax.stop_gradient(h * factor.astype(time_dtype))
-            too_small = ~accept & (dt_next < 10 * eps * jnp.maximum(jnp.abs(t0), jnp.abs(s_end)))
+            # Too small: the next attempt could not move the time it starts from
+            # (relative to the current time, not the final one: a stiff solve on
+            # [0, 1e11] needs steps of 1e-6 near 0).
+            too_small = ~accept & (dt_next <= 10 * eps * jnp.maximum(jnp.abs(t0), jnp.abs(t1)))
             status = jnp.where(
                 too_small,
                 jnp.where(finite | ~ok, Status.STEP_SIZE_TOO_SMALL, Status.NONFINITE_STATE),

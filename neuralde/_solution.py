@@ -33,14 +33,18 @@ _MESSAGES = {
     Status.MAX_STEPS_REACHED: (
         "The solver used up `max_steps` steps (accepted + rejected) before reaching the final "
         "time. If the step size collapsed while the solution changes slowly, the problem is "
-        "probably stiff: use an implicit (stiff) solver instead of an explicit one; or `rtol`/`atol` "
+        "probably stiff: use an implicit (stiff) solver such as `Kvaerno5()` (or `Kvaerno3()` at loose "
+        "tolerances) instead of an explicit one; or `rtol`/`atol` "
         "may be below what the state's dtype can resolve (float32 resolves ~1e-7 relative). Otherwise "
         "raise `max_steps`, loosen `rtol`/`atol`, or shorten the time span."
     ),
     Status.STEP_SIZE_TOO_SMALL: (
         "The step size fell below the resolution of the time variable, so the solve cannot "
         "advance. The solution may blow up in finite time or have a discontinuity here; check "
-        "the vector field, loosen `rtol`/`atol`, or use float64 for the state."
+        "the vector field, loosen `rtol`/`atol`, or use float64 for the state. With an explicit solver "
+        "on a stiff problem, use an implicit one such as `Kvaerno5()`; with an implicit solver, its "
+        "Newton iteration kept failing: check the vector field's Jacobian (it must be differentiable "
+        "with `jax.jacfwd`) or raise `max_newton_iters`."
     ),
     Status.NONFINITE_STATE: (
         "The state or the vector field became NaN or infinite and no smaller step avoided it. "
