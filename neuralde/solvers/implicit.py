@@ -235,11 +235,12 @@ class ESDIRK(AbstractSolver):
     """
 
     linear_solver: str = eqx.field(static=True, default="lu")
-    kappa: float = eqx.field(static=True, default=0.05)
+    kappa: float = eqx.field(static=True, default=0.01)
     max_newton_iters: int = eqx.field(static=True, default=8)
     reuse_theta: float = eqx.field(static=True, default=0.1)
     gmres_tol: float = eqx.field(static=True, default=1e-8)
     gmres_restart: int = eqx.field(static=True, default=20)
+    filter_error: bool = eqx.field(static=True, default=True)
 
     tableau: ClassVar[ESDIRKTableau]
     adaptive = True
@@ -391,7 +392,7 @@ class ESDIRK(AbstractSolver):
         (ks, ok, iters, theta_max), zs = lax.scan(stage, carry0, jnp.arange(1, s))
         y1f = y0f + zs[-1]
         err_raw = lax.stop_gradient(h * (jnp.asarray(tab.b - tab.bhat, dtype) @ ks))
-        y_err = newton_solve(err_raw) if self.linear_solver == "lu" else err_raw
+        y_err = newton_solve(err_raw) if self.filter_error else err_raw
         # Cubic Hermite through (y0, k_1) and (y1, k_s).
         k_end = ks[-1]
         dy = y1f - y0f
