@@ -41,7 +41,7 @@ def rober(xp, t, y, _):
 
 
 def rober_jac(t, y):
-    y1, y2, y3 = y
+    _y1, y2, y3 = y
     return np.array([[-0.04, 1e4 * y3, 1e4 * y2], [0.04, -6e7 * y2 - 1e4 * y3, -1e4 * y2], [0.0, 6e7 * y2, 0.0]])
 
 
@@ -169,12 +169,13 @@ def main():
         for name, fn in solvers.items():
             t0 = time.perf_counter()
             y, steps, rej = fn(rtol, atol)
-            rows[name] = dict(problem=pname, solver=name, compile_s=time.perf_counter() - t0, steps=steps,
-                              rejected=rej, err=float(np.max(np.abs(y - ref) / (np.abs(ref) + atol))), samples=[])
+            err = float(np.max(np.abs(y - ref) / (np.abs(ref) + atol)))
+            rows[name] = {"problem": pname, "solver": name, "compile_s": time.perf_counter() - t0, "steps": steps,
+                          "rejected": rej, "err": err, "samples": []}
         for _ in range(ns.rounds):
             for name, fn in solvers.items():
                 reps = ns.repeats if not name.startswith("scipy") else max(1, ns.repeats // 2)
-                rows[name]["samples"].append(_median_time(lambda: fn(rtol, atol), reps))
+                rows[name]["samples"].append(_median_time(lambda fn=fn, rtol=rtol, atol=atol: fn(rtol, atol), reps))
         base = float(np.median(rows["neuralde Kvaerno5"]["samples"]))
         print(f"\n{pname}: t1={t1:g}, rtol={rtol:g}, atol={atol:g}")
         print(f"{'solver':20s} {'compile s':>9s} {'solve ms':>9s} {'steps':>6s} {'rejected':>8s} {'err':>9s} {'ratio':>6s}")
@@ -192,7 +193,7 @@ def main():
                 for rt in 10.0 ** -np.arange(4, 11):
                     at = rt * atol / rtol
                     y, _, _ = fn(rt, at)
-                    t_med = _median_time(lambda: fn(rt, at), 3 if not name.startswith("scipy") else 1)
+                    t_med = _median_time(lambda fn=fn, rt=rt, at=at: fn(rt, at), 3 if not name.startswith("scipy") else 1)
                     pts.append((float(np.max(np.abs(y - ref) / (np.abs(ref) + at))), t_med))
                 curves[name] = pts
             plot_data[pname] = curves

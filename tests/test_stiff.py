@@ -10,16 +10,15 @@ Problems (E. Hairer & G. Wanner, Solving ODEs II, IV.1 and IV.10):
 """
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.integrate
-
-import jax
-import jax.numpy as jnp
+from test_tableaus import max_residual_up_to
 
 import neuralde as nde
 from neuralde.solvers.implicit import KVAERNO3, KVAERNO4, KVAERNO5, stability_at_infinity
-from test_tableaus import max_residual_up_to
 
 RATES = np.array([0.04, 3e7, 1e4])
 
@@ -56,7 +55,7 @@ HIRES_Y0 = np.array([1.0, 0, 0, 0, 0, 0, 0, 0.0057])
 
 
 def rober_jac(t, y, k):
-    y1, y2, y3 = y
+    _y1, y2, y3 = y
     return np.array([[-k[0], k[2] * y3, k[2] * y2],
                      [k[0], -2 * k[1] * y2 - k[2] * y3, -k[2] * y2],
                      [0.0, 2 * k[1] * y2, 0.0]])
@@ -120,8 +119,9 @@ def test_fixed_step_orders():
     exact = np.asarray(jax.scipy.linalg.expm(2.0 * m) @ y0)
     ns = np.array([8, 16, 32, 64])
     for solver, order in [(nde.Kvaerno3(), 3), (nde.Kvaerno4(), 4), (nde.Kvaerno5(), 5)]:
-        run = jax.jit(lambda dt: nde.solve(nde.ODETerm(lambda t, y, a: m @ y), solver, y0, jnp.array([0.0, 2.0]),
-                                           dt0=dt, adaptive=False, rtol=1e-13, atol=1e-13).ys[-1])
+        run = jax.jit(lambda dt, solver=solver: nde.solve(
+            nde.ODETerm(lambda t, y, a: m @ y), solver, y0, jnp.array([0.0, 2.0]), dt0=dt, adaptive=False,
+            rtol=1e-13, atol=1e-13).ys[-1])
         errs = [float(np.max(np.abs(np.asarray(run(2.0 / n)) - exact))) for n in ns]
         slope = -np.polyfit(np.log(ns), np.log(errs), 1)[0]
         assert abs(slope - order) < 0.35, (type(solver).__name__, slope, errs)
@@ -132,7 +132,10 @@ def test_fixed_step_orders():
 ROBER_TERM = term(rober)
 
 
-def solve_rober(ts, solver=nde.Kvaerno5(), **kwargs):
+KVAERNO5 = nde.Kvaerno5()
+
+
+def solve_rober(ts, solver=KVAERNO5, **kwargs):
     # One term object and save grids of one length: one compilation.
     return nde.solve(ROBER_TERM, solver, jnp.array([1.0, 0.0, 0.0]), jnp.asarray(ts), args=jnp.asarray(RATES),
                      **{"rtol": 1e-6, "atol": 1e-10, "max_steps": 4096, **kwargs})
@@ -216,7 +219,7 @@ def test_matrix_free_pytree_state():
 # ------------------------------------------------------------------ failures
 
 def test_tsit5_fails_on_rober():
-    args = dict(args=jnp.asarray(RATES), rtol=1e-6, atol=1e-10, max_steps=200)
+    args = {"args": jnp.asarray(RATES), "rtol": 1e-6, "atol": 1e-10, "max_steps": 200}
     y0, ts = jnp.array([1.0, 0.0, 0.0]), jnp.array([0.0, 1.0, 1e3])
     sol = nde.solve(term(rober), nde.Tsit5(), y0, ts, throw=False, **args)
     assert int(sol.status) == nde.Status.MAX_STEPS_REACHED
