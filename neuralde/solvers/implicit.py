@@ -329,6 +329,7 @@ class ESDIRK(AbstractSolver):
             return jnp.concatenate([solve_dyn(rhs[:nd]), rhs[nd:]])
 
         kappa, kmax = self.kappa, self.max_newton_iters
+        tiny_ = float(jnp.finfo(dtype).tiny)
 
 
         def tangent_solve(g, rhs):
@@ -362,8 +363,8 @@ class ESDIRK(AbstractSolver):
                     dz = -newton_solve(res_fn(z))
                     z = z + dz
                     ndz = _rms(dz[:nd] / scale)
-                    theta = jnp.where(k > 0, ndz / jnp.maximum(ndz_prev, 1e-300), 0.0)
-                    eta_ = theta / jnp.maximum(1 - theta, 1e-300)
+                    theta = jnp.where(k > 0, ndz / jnp.maximum(ndz_prev, tiny_), 0.0)
+                    eta_ = theta / jnp.maximum(1 - theta, tiny_)
                     # At least two iterations, so that the rate is measured: Hairer &
                     # Wanner's guess for the first one (the previous stage's rate)
                     # accepted stages far from converged on ROBER (3220 steps, 2666
@@ -375,7 +376,7 @@ class ESDIRK(AbstractSolver):
                     # most steps of Kvaerno5).
                     tiny = (ndz <= 0.1 * kappa) & (ndz_prev <= 0.1 * kappa)
                     done = ((k > 0) & ((eta_ * ndz <= kappa) | tiny)) | (ndz == 0)
-                    slow = (k > 0) & (theta ** (kmax - 1 - k) / jnp.maximum(1 - theta, 1e-300) * ndz > kappa)
+                    slow = (k > 0) & (theta ** (kmax - 1 - k) / jnp.maximum(1 - theta, tiny_) * ndz > kappa)
                     fail = ~done & (((k > 0) & (theta >= 1.0)) | slow | ~jnp.isfinite(ndz))
                     return k + 1, z, ndz, done, fail, jnp.maximum(th_max, theta)
 
