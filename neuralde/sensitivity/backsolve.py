@@ -45,6 +45,13 @@ class BacksolveAdjoint(AbstractSensitivity):
     `CheckpointAdjoint` for that), and it fails when the state cannot be
     recovered backwards (chaotic or stiff dynamics over long spans).
     Gradients through `Solution.evaluate` (dense output) are not supported.
+
+    With an implicit solver (`Kvaerno5`, ...) the backward solve is implicit
+    too; ``g`` is marked as quadrature, so the Newton matrix has the size of
+    ``(y, a)`` whatever the number of parameters. That does not make stiff
+    problems safe: recovering a stiff state backwards is ill-posed (ROBER: the
+    gradient matches finite differences on [0, 1e-3], the backward solve fails
+    on [1, 10] and the error says so), where `CheckpointAdjoint` is exact.
     """
 
     seminorm: bool = True
