@@ -1,10 +1,10 @@
 """neuralde: neural differential equations in JAX."""
 from ._solution import Solution, Status
 from ._solve import solve
-from ._terms import AbstractTerm, ODETerm
+from ._terms import AbstractTerm, ODETerm, SDETerm
 from .nn import NeuralODE
 from .sensitivity import AbstractSensitivity, BacksolveAdjoint, CheckpointAdjoint, ForwardMode, ReverseMode
-from .solvers import RK4, AbstractSolver, Dopri5, Euler, Heun, Tsit5
+from .solvers import RK4, SRA1, SRIW1, AbstractSolver, Dopri5, Euler, EulerMaruyama, Heun, Tsit5
 
 __version__ = "0.1.0"
 
@@ -14,12 +14,16 @@ __all__ = [
     "Status",
     "AbstractTerm",
     "ODETerm",
+    "SDETerm",
     "AbstractSolver",
     "Euler",
     "Heun",
     "RK4",
     "Dopri5",
     "Tsit5",
+    "EulerMaruyama",
+    "SRIW1",
+    "SRA1",
     "AbstractSensitivity",
     "ReverseMode",
     "CheckpointAdjoint",

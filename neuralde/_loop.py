@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from . import _progress
+from ._brownian import increment
 from ._controller import PIController, all_finite, initial_step, scaled_error
 from ._interpolation import DenseHistory, evaluate_polynomial
 from ._solution import Status
@@ -47,15 +48,31 @@ class Problem:
     ``s = direction * t``. Later families extend it (Brownian increments for
     SDEs, the dense history for delay equations)."""
 
-    def __init__(self, term, args, direction):
+    def __init__(self, term, args, direction, span=None):
         self.term = term
         self.args = args
         self.direction = direction
+        #: (s_start, s_end): the loop-time interval of the solve.
+        self.span = span
 
     def vf(self, s, y):
         d = self.direction
         out = self.term.vf(d * s, y, self.args)
         return jtu.tree_map(lambda o: d.astype(o.dtype) * o, out)
+
+    # --- SDEs (`SDETerm`; solved forward in time only, `solve` checks) ---
+
+    def diffusion(self, s, y):
+        return self.term.g(s, y, self.args)
+
+    def brownian(self, s0, s1, y):
+        """``(dW, H)`` over ``[s0, s1]``: the Brownian increment and its
+        space-time Lévy area, laid out for ``term.noise_product``. The path is
+        fixed by the term's seed and the span; it is data, not differentiated."""
+        t0, t1, s0, s1 = lax.stop_gradient((*self.span, s0, s1))
+        n = self.term.noise_size(y)
+        dw, h = increment(self.term.seed, t0, t1, s0, s1, n, self.term.brownian_levels, s0.dtype)
+        return self.term.shape_noise(dw, y), self.term.shape_noise(h, y)
 
 
 class LoopConfig(NamedTuple):
@@ -204,7 +221,7 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
     s_start, s_end = s_save[0], s_save[-1]
     span = s_end - s_start
     valid_times = jnp.all(s_save[1:] > s_save[:-1])
-    problem = Problem(term, args, direction)
+    problem = Problem(term, args, direction, (s_start, s_end))
 
     solver_state = solver.init(problem, s_start, y0)
     num_fevals = solver.init_fevals
@@ -261,10 +278,15 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
     # steps may stretch by up to 1% (Hairer's dopri5 does the same), fixed steps
     # only by round-off.
     land_slack = 0.01 if adaptive else 1e-6
+    step_to_saves = getattr(solver, "step_to_save_times", False)
 
     def attempt_step(core: _Core):
         t0 = core.t
         t1 = jnp.where(t0 + core.dt * (1 + land_slack) >= s_end, s_end, t0 + core.dt)
+        if step_to_saves:
+            # SDE solvers end their steps on the save times (see `_SDESolver`).
+            nxt = s_save[jnp.minimum(jnp.searchsorted(s_save, t0, side="right"), n_save - 1)]
+            t1 = jnp.where(t0 + core.dt * (1 + land_slack) >= nxt, nxt, t1)
         h = t1 - t0
         y1, y_err, coeffs, new_state, info = solver.step(problem, t0, h, core.y, core.solver_state)
         if not isinstance(info, StepInfo):
