@@ -2,7 +2,8 @@
 from ._solution import Solution, Status
 from ._solve import solve
 from ._terms import AbstractTerm, ODETerm, SDETerm
-from .nn import NeuralODE
+from . import ensemble
+from .nn import NeuralODE, NeuralSDE
 from .sensitivity import AbstractSensitivity, BacksolveAdjoint, CheckpointAdjoint, ForwardMode, ReverseMode
 from .solvers import RK4, SRA1, SRIW1, AbstractSolver, Dopri5, Euler, EulerMaruyama, Heun, Tsit5
 
@@ -30,4 +31,6 @@ __all__ = [
     "BacksolveAdjoint",
     "ForwardMode",
     "NeuralODE",
+    "NeuralSDE",
+    "ensemble",
 ]

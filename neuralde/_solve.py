@@ -307,7 +307,7 @@ def _attach_key(term, solver, sensitivity, key, t):
             "adjoint of Li et al. 2020, not implemented). Use CheckpointAdjoint() (the default), ReverseMode() "
             "or ForwardMode(): they differentiate the computed path for the fixed key."
         )
-    if _concrete(t) and t.shape[0] >= 2 and not bool(np.asarray(t[-1] > t[0])):
+    if _concrete(t) and t.shape[0] >= 2 and not np.asarray(t)[-1] > np.asarray(t)[0]:
         raise ValueError("SDEs are solved forward in time: `t` must be increasing; got t[0] >= t[-1].")
     return term.with_seed(seed_from_key(key))
 
