@@ -57,6 +57,7 @@ precision in float32.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.lax as lax
@@ -108,75 +109,100 @@ def _piece(W, H, delta, ta, tb):
     return p(tb) - pa, q(tb) - q(ta) - delta * (tb - ta) * pa
 
 
-def unit_increment(seed, us, ut, n: int, levels: int = DEFAULT_LEVELS, dtype=jnp.float64):
-    """``(W, H)`` of a standard Brownian motion on ``[0, 1]`` over ``[us, ut]``
-    (``0 <= us <= ut <= 1``), each of shape ``(n,)``."""
+class PointCache(NamedTuple):
+    """One point ``u`` of the unit interval as the tree sees it: its leaf index
+    and, for every level ``l`` (0..levels), the ``(W, I, length)`` of the
+    pieces ``[u, end of u's node at level l]`` (tails) and ``[start of the
+    node, u]`` (heads), ``I`` being the time integral of the path relative to
+    the piece's start. Any interval's ``(W, H)`` follows from its two ends'
+    caches; a solver keeps the cache of its current time, so each step descends
+    the tree once (for its new end) instead of twice."""
+
+    index: jax.Array
+    theta: jax.Array
+    leaf: tuple
+    tails: tuple
+    heads: tuple
+
+
+def _cat(a, b):
+    """Concatenate pieces ``a`` then ``b``, each ``(W, I, length)``."""
+    wa, ia, la = a
+    wb, ib, lb = b
+    return wa + wb, ia + ib + lb * wa, la + lb
+
+
+def descend(seed, u, n: int, levels: int = DEFAULT_LEVELS, dtype=jnp.float64) -> PointCache:
+    """Walk the tree down to the leaf holding ``u`` (in ``[0, 1]``): one
+    split per level."""
     if not 1 <= levels <= 30:
         raise ValueError(f"`levels` must be between 1 and 30; got {levels}.")
     scale = 2.0**levels
-    us = jnp.clip(jnp.asarray(us, dtype), 0, 1)
-    ut = jnp.clip(jnp.asarray(ut, dtype), 0, 1)
-
-    def locate(u):
-        x = u * scale
-        i = jnp.clip(jnp.floor(x), 0, scale - 1)
-        return i.astype(jnp.uint32), x - i
-
-    i_s, th_s = locate(us)
-    i_t, th_t = locate(ut)
+    x = jnp.clip(jnp.asarray(u, dtype), 0, 1) * scale
+    i = jnp.clip(jnp.floor(x), 0, scale - 1)
+    theta = x - i
+    i = i.astype(jnp.uint32)
     # Node 0 holds the root's (W, H); node k >= 1 the split of heap node k.
     z = _normals(seed, jnp.uint32(0), n, dtype)
-    W0, H0 = z[0], z[1] / math.sqrt(12.0)
-    zero = jnp.zeros((n,), dtype)
-    one = jnp.uint32(1)
+    root = (z[0], z[1] / math.sqrt(12.0))
 
-    def level(l, c):
-        node_s, node_t, (Ws, Hs), (Wt, Ht), (SW, SI, SL), (PW, PI, PL), diverged = c
+    def level(carry, l):
+        node, (W, H) = carry
         h = jnp.asarray(2.0, dtype) ** (-l.astype(dtype))
-        m = h / 2
-        shift = (levels - 1 - l).astype(jnp.uint32)
-        bit_s = ((i_s >> shift) & one).astype(bool)
-        bit_t = ((i_t >> shift) & one).astype(bool)
-        (Ls, Rs) = _split(seed, node_s, h, Ws, Hs, dtype)
-        (Lt, Rt) = _split(seed, node_t, h, Wt, Ht, dtype)
-        # The lower end keeps the sibling to its right once the ends have
-        # parted (it lies inside [s, t]); the upper end the sibling to its left.
-        add_s = diverged & ~bit_s
-        W2, H2 = Rs
-        I2 = m * (H2 + W2 / 2)
-        SW, SI, SL = (jnp.where(add_s, W2 + SW, SW), jnp.where(add_s, I2 + SI + SL * W2, SI),
-                      jnp.where(add_s, m + SL, SL))
-        add_t = diverged & bit_t
-        W1, H1 = Lt
-        I1 = m * (H1 + W1 / 2)
-        PW, PI, PL = (jnp.where(add_t, PW + W1, PW), jnp.where(add_t, PI + I1 + m * PW, PI),
-                      jnp.where(add_t, PL + m, PL))
-        Ws, Hs = jnp.where(bit_s, Rs[0], Ls[0]), jnp.where(bit_s, Rs[1], Ls[1])
-        Wt, Ht = jnp.where(bit_t, Rt[0], Lt[0]), jnp.where(bit_t, Rt[1], Lt[1])
-        node_s = 2 * node_s + bit_s.astype(jnp.uint32)
-        node_t = 2 * node_t + bit_t.astype(jnp.uint32)
-        return node_s, node_t, (Ws, Hs), (Wt, Ht), (SW, SI, SL), (PW, PI, PL), diverged | (bit_s != bit_t)
+        bit = ((i >> (levels - 1 - l).astype(jnp.uint32)) & jnp.uint32(1)).astype(bool)
+        left, right = _split(seed, node, h, W, H, dtype)
+        on = (jnp.where(bit, right[0], left[0]), jnp.where(bit, right[1], left[1]))
+        off = (jnp.where(bit, left[0], right[0]), jnp.where(bit, left[1], right[1]))
+        return (2 * node + bit.astype(jnp.uint32), on), (bit, off)
 
-    init = (one, one, (W0, H0), (W0, H0), (zero, zero, jnp.zeros((), dtype)), (zero, zero, jnp.zeros((), dtype)),
-            jnp.asarray(False))
-    _, _, (Ws, Hs), (Wt, Ht), (SW, SI, SL), (PW, PI, PL), diverged = lax.fori_loop(
-        0, levels, level, init)
+    (_, leaf), (bits, (sw, sh)) = lax.scan(level, (jnp.uint32(1), root), jnp.arange(levels))
     delta = jnp.asarray(1.0 / scale, dtype)
-    # Ends in different leaves: [s, leaf end] ++ suffix ++ prefix ++ [leaf start, t].
-    Wa, Ia = _piece(Ws, Hs, delta, th_s, jnp.ones((), dtype))
-    Wa, Ia, La = Wa + SW, Ia + SI + SL * Wa, delta * (1 - th_s) + SL
-    Wb, Ib = _piece(Wt, Ht, delta, jnp.zeros((), dtype), th_t)
-    Wb, Ib, Lb = PW + Wb, PI + Ib + delta * th_t * PW, PL + delta * th_t
-    W_far, I_far, len_far = Wa + Wb, Ia + Ib + Lb * Wa, La + Lb
-    # Both ends in one leaf.
-    W_near, I_near = _piece(Ws, Hs, delta, th_s, th_t)
-    len_near = delta * (th_t - th_s)
-    W = jnp.where(diverged, W_far, W_near)
-    I = jnp.where(diverged, I_far, I_near)
-    length = jnp.where(diverged, len_far, len_near)
+    one, zero = jnp.ones((), dtype), jnp.zeros((), dtype)
+    tail_leaf = (*_piece(leaf[0], leaf[1], delta, theta, one), delta * (1 - theta))
+    head_leaf = (*_piece(leaf[0], leaf[1], delta, zero, theta), delta * theta)
+
+    def up(carry, inp):
+        tail, head = carry
+        bit, w, hh, m = inp
+        sib = (w, m * (hh + w / 2), m)
+        tail = jax.tree_util.tree_map(lambda a, b: jnp.where(bit, a, b), tail, _cat(tail, sib))
+        head = jax.tree_util.tree_map(lambda a, b: jnp.where(bit, b, a), head, _cat(sib, head))
+        return (tail, head), (tail, head)
+
+    ms = jnp.asarray(2.0, dtype) ** (-(jnp.arange(levels) + 1).astype(dtype))
+    _, (tails, heads) = lax.scan(up, (tail_leaf, head_leaf), (bits, sw, sh, ms), reverse=True)
+    # Level `levels` (the leaf) last: index l holds the pieces within u's node at level l.
+    tails = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b[None]]), tails, tail_leaf)
+    heads = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b[None]]), heads, head_leaf)
+    return PointCache(index=i, theta=theta, leaf=leaf, tails=tails, heads=heads)
+
+
+def between(a: PointCache, b: PointCache, levels: int = DEFAULT_LEVELS):
+    """``(W, H)`` over ``[u_a, u_b]`` (``u_a <= u_b``) from the two ends' caches."""
+    x = a.index ^ b.index
+    same = x == 0
+    # The ends part at level d (the highest differing bit of the leaf indices):
+    # [u_a, u_b] = tail of u_a within its node at level d+1 ++ head of u_b within its.
+    d = (levels - 1) - (31 - lax.clz(jnp.where(same, jnp.uint32(1), x)).astype(jnp.int32))
+    k = jnp.clip(d + 1, 0, levels)
+    tail = jax.tree_util.tree_map(lambda v: v[k], a.tails)
+    head = jax.tree_util.tree_map(lambda v: v[k], b.heads)
+    W_far, I_far, len_far = _cat(tail, head)
+    delta = jnp.asarray(2.0**-levels, b.theta.dtype)
+    W_near, I_near = _piece(b.leaf[0], b.leaf[1], delta, a.theta, b.theta)
+    len_near = delta * (b.theta - a.theta)
+    W = jnp.where(same, W_near, W_far)
+    I = jnp.where(same, I_near, I_far)
+    length = jnp.where(same, len_near, len_far)
     safe = jnp.where(length > 0, length, 1)
     H = jnp.where(length > 0, I / safe - W / 2, 0)
     return W, H
+
+
+def unit_increment(seed, us, ut, n: int, levels: int = DEFAULT_LEVELS, dtype=jnp.float64):
+    """``(W, H)`` of a standard Brownian motion on ``[0, 1]`` over ``[us, ut]``
+    (``0 <= us <= ut <= 1``), each of shape ``(n,)``."""
+    return between(descend(seed, us, n, levels, dtype), descend(seed, ut, n, levels, dtype), levels)
 
 
 def increment(seed, t0, t1, s, t, n: int, levels: int = DEFAULT_LEVELS, dtype=jnp.float64):
@@ -188,3 +214,17 @@ def increment(seed, t0, t1, s, t, n: int, levels: int = DEFAULT_LEVELS, dtype=jn
     W, H = unit_increment(seed, us, ut, n, levels, dtype)
     root = jnp.sqrt(span).astype(dtype)
     return root * W, root * H
+
+
+def point(seed, t0, t1, s, n: int, levels: int = DEFAULT_LEVELS, dtype=jnp.float64) -> PointCache:
+    """The cache of time ``s`` of the Brownian motion on ``[t0, t1]``."""
+    return descend(seed, (s - t0) / (t1 - t0), n, levels, dtype)
+
+
+def increment_from(seed, t0, t1, cache_s: PointCache, t, n: int, levels: int = DEFAULT_LEVELS,
+                   dtype=jnp.float64):
+    """``(W, H, cache_t)`` over ``[s, t]`` given the cache of ``s``: one descent."""
+    cache_t = point(seed, t0, t1, t, n, levels, dtype)
+    W, H = between(cache_s, cache_t, levels)
+    root = jnp.sqrt(t1 - t0).astype(dtype)
+    return root * W, root * H, cache_t

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from . import _progress
-from ._brownian import increment
+from . import _brownian
 from ._controller import PIController, all_finite, initial_step, scaled_error
 from ._interpolation import DenseHistory, evaluate_polynomial
 from ._solution import Status
@@ -71,8 +71,22 @@ class Problem:
         fixed by the term's seed and the span; it is data, not differentiated."""
         t0, t1, s0, s1 = lax.stop_gradient((*self.span, s0, s1))
         n = self.term.noise_size(y)
-        dw, h = increment(self.term.seed, t0, t1, s0, s1, n, self.term.brownian_levels, s0.dtype)
+        dw, h = _brownian.increment(self.term.seed, t0, t1, s0, s1, n, self.term.brownian_levels, s0.dtype)
         return self.term.shape_noise(dw, y), self.term.shape_noise(h, y)
+
+    def brownian_start(self, s0, y):
+        """The Brownian tree's cache of time ``s0`` (a solver's state), so that
+        each step descends the tree once, for its new end (`brownian_step`)."""
+        t0, t1, s0 = lax.stop_gradient((*self.span, s0))
+        return _brownian.point(self.term.seed, t0, t1, s0, self.term.noise_size(y), self.term.brownian_levels,
+                               s0.dtype)
+
+    def brownian_step(self, cache, s1, y):
+        """``(dW, H, cache of s1)`` over ``[s0, s1]`` from the cache of ``s0``."""
+        t0, t1, s1 = lax.stop_gradient((*self.span, s1))
+        dw, h, cache1 = _brownian.increment_from(self.term.seed, t0, t1, cache, s1, self.term.noise_size(y),
+                                                 self.term.brownian_levels, s1.dtype)
+        return self.term.shape_noise(dw, y), self.term.shape_noise(h, y), cache1
 
 
 class LoopConfig(NamedTuple):

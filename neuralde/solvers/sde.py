@@ -2,7 +2,7 @@
 methods of strong order 1.5 (SRI for diagonal/scalar noise, SRA for additive
 noise), adaptive with the embedded error estimate of Rackauckas & Nie.
 
-Every step asks ``problem.brownian(t0, t1, y)`` for the increment ``dW`` and
+Every step asks ``problem.brownian_step`` for the increment ``dW`` and
 the space-time Lévy area ``H`` of the step; the iterated integrals the methods
 need follow from them (Kloeden & Platen 1992, 5.8; Foster 2020):
 
@@ -217,7 +217,9 @@ class _SDESolver(AbstractSolver):
     step_to_save_times: ClassVar[bool] = True
 
     def init(self, problem, t0, y0):
-        return None
+        # The state is the Brownian tree's cache of the current time: a
+        # rejected step keeps it, an accepted one moves it to the step's end.
+        return problem.brownian_start(t0, y0)
 
 
 class EulerMaruyama(_SDESolver):
@@ -230,11 +232,11 @@ class EulerMaruyama(_SDESolver):
     noise_types: ClassVar[tuple] = ("diagonal", "scalar", "additive", "general")
 
     def step(self, problem, t0, dt, y0, state):
-        dw, _ = problem.brownian(t0, t0 + dt, y0)
+        dw, _, cache = problem.brownian_step(state, t0 + dt, y0)
         f = problem.vf(t0, y0)
         g = problem.diffusion(t0, y0)
         y1 = _add(_lin(y0, [(1.0, _scale_tree(f, dt))]), problem.term.noise_product(g, dw, y0))
-        return y1, None, _linear_coeffs(y0, y1), None, 2
+        return y1, None, _linear_coeffs(y0, y1), cache, 2
 
 
 class SRIW1(_SDESolver):
@@ -269,7 +271,7 @@ class SRIW1(_SDESolver):
         tab = self.sri_tableau
         term = problem.term
         s = len(tab.alpha)
-        dw, area = problem.brownian(t0, t0 + dt, y0)
+        dw, area, cache = problem.brownian_step(state, t0 + dt, y0)
         chi1, chi2, chi3 = _iterated(dw, area, dt)
         sq = jnp.sqrt(dt)
         need_f, need_g = _needed(tab)
@@ -300,7 +302,7 @@ class SRIW1(_SDESolver):
         e_noise = _add(*noise2)
         y1 = _add(_lin(y0, [(1.0, _scale_tree(drift, dt))]), *noise1, e_noise)
         e_drift = _drift_gap(tab.alpha, fs, dt)
-        return y1, _error(e_drift, e_noise), _linear_coeffs(y0, y1), None, nfev
+        return y1, _error(e_drift, e_noise), _linear_coeffs(y0, y1), cache, nfev
 
 
 def _needed(tab: SRITableau):
@@ -335,7 +337,7 @@ class SRA1(_SDESolver):
         tab = self.sra_tableau
         term = problem.term
         s = len(tab.alpha)
-        dw, area = problem.brownian(t0, t0 + dt, y0)
+        dw, area, cache = problem.brownian_step(state, t0 + dt, y0)
         _, chi2, _ = _iterated(dw, area, dt)
         # Additive noise: g does not depend on y, so it is evaluated at y0.
         gs = [problem.diffusion(t0 + float(tab.c1[i]) * dt, y0) for i in range(s)]
@@ -354,4 +356,4 @@ class SRA1(_SDESolver):
         e_noise = _add(*noise2)
         y1 = _add(_lin(y0, [(1.0, _scale_tree(drift, dt))]), *noise1, e_noise)
         e_drift = _drift_gap(tab.alpha, fs, dt)
-        return y1, _error(e_drift, e_noise), _linear_coeffs(y0, y1), None, 2 * s
+        return y1, _error(e_drift, e_noise), _linear_coeffs(y0, y1), cache, 2 * s
