@@ -5,7 +5,7 @@ from ._terms import AbstractTerm, ODETerm, SDETerm
 from . import ensemble
 from .nn import NeuralODE, NeuralSDE
 from .sensitivity import AbstractSensitivity, BacksolveAdjoint, CheckpointAdjoint, ForwardMode, ReverseMode
-from .solvers import RK4, SRA1, SRIW1, AbstractSolver, Dopri5, Euler, EulerMaruyama, Heun, Tsit5
+from .solvers import RK4, SOSRI, SRA1, SRIW1, AbstractSolver, Dopri5, Euler, EulerMaruyama, Heun, Tsit5
 
 __version__ = "0.1.0"
 
@@ -24,6 +24,7 @@ __all__ = [
     "Tsit5",
     "EulerMaruyama",
     "SRIW1",
+    "SOSRI",
     "SRA1",
     "AbstractSensitivity",
     "ReverseMode",

@@ -37,22 +37,32 @@ has exactly the law of Brownian motion.
 Below the leaves (length ``delta = (t1 - t0) 2^-levels``) the path is the
 conditional mean given the leaf's ``(W, H)``: ``W(a + theta delta) - W(a) =
 theta W + 6 theta (1 - theta) H``, a quadratic whose integral reproduces the
-leaf's ``H`` exactly. Resolution: off the dyadic points, ``W`` misses a
-conditional variance of at most ``delta/16`` (standard deviation
-``sqrt(delta)/4``); with the default ``levels=24`` on ``[0, 10]`` that is a
-standard deviation of 1.6e-4·sqrt(1e-3)... concretely ``sqrt(10 · 2^-24)/4 =
-1.9e-4`` in a ``W`` whose own scale over a step of 1e-3 is 3e-2, i.e. a relative
-variance deficit below 1e-4 for any step longer than ``1e3 delta``. Solvers see
-the exact path they are driven by (the strong error tests measure against the
-exact solution along this same path), so the deficit only affects the law,
-not the convergence.
+leaf's ``H`` exactly.
 
-Queries ``(W, H)`` over ``[s, t]`` descend the tree once for both ends
-(``levels`` iterations, two hashes per level). Each end accumulates only the
-pieces that lie inside ``[s, t]`` (the tail ``[s, m]`` and the head ``[m, t]``
-around the node where the two ends part), so nothing is computed as the
-difference of two large numbers: ``H`` over a short step keeps its relative
-precision in float32.
+Resolution: at the dyadic points ``t0 + k delta`` the path has exactly the law
+of Brownian motion; between them ``W`` misses a conditional variance of at
+most ``delta/16`` (standard deviation ``sqrt(delta)/4``). With ``SDETerm``'s
+default of 20 levels on ``[0, 10]``, ``delta = 9.5e-6`` and that standard
+deviation is ``7.7e-4``, against ``0.1`` for the increment over a step of
+``0.01``: the variance of an increment over any step longer than ``1e3 delta``
+is short by less than ``1e-4`` relative. Solvers are driven by exactly this
+path (the strong-error tests compare with the exact solution along it), so the
+resolution only bounds how far its law is from Brownian motion, not the
+convergence of a solver; it matters only for steps approaching ``delta``.
+
+Queries. Descending to a point ``u`` (one split per level, `descend`)
+records, for every level, the pieces of the path inside ``u``'s node to the
+right of ``u`` (tails) and to its left (heads), each as ``(W, I, length)``
+with ``I`` the time integral of the path relative to the piece's start. The
+``(W, H)`` of ``[s, t]`` is then the tail of ``s`` concatenated with the head
+of ``t`` at the level where the two points part (`between`): only pieces that
+lie inside ``[s, t]`` are ever added, so nothing is computed as the difference
+of two large numbers and ``H`` over a short step keeps its relative precision
+in float32 (what remains is the rounding of the top-down conditioning,
+~1e-3 relative, measured in the tests). A solver keeps the cache of its
+current time as its state (`point`, `increment_from`): a rejected step reuses
+it, an accepted one moves it to the step's end, so each step descends the tree
+once (``levels`` hashes of ``2 n`` words) rather than twice.
 """
 from __future__ import annotations
 
@@ -65,8 +75,8 @@ import jax.numpy as jnp
 from jax.extend.random import threefry_2x32
 from jax.scipy.special import ndtri
 
-#: Default depth of the tree: leaves of (t1 - t0) * 2^-24.
-DEFAULT_LEVELS = 24
+#: Default depth of the tree (as `SDETerm`): leaves of (t1 - t0) * 2^-20.
+DEFAULT_LEVELS = 20
 
 
 def seed_from_key(key) -> jax.Array:

@@ -10,7 +10,8 @@ import pytest
 
 import neuralde as nde
 from neuralde import _brownian as B
-from neuralde.solvers.sde import SRA1_TABLEAU, SRIW1_TABLEAU, sra_order_conditions, sri_order_conditions
+from neuralde.solvers.sde import (SOSRI_TABLEAU, SRA1_TABLEAU, SRIW1_TABLEAU, sra_order_conditions,
+                                  sri_order_conditions)
 
 LEVELS = 20  # SDETerm's default brownian_levels: the exact solutions below query the same tree
 T = 1.0
@@ -68,6 +69,7 @@ def _slope(dts, errs):
 
 def test_tableaus_satisfy_order_conditions():
     np.testing.assert_allclose(sri_order_conditions(SRIW1_TABLEAU), 0, atol=1e-14)
+    np.testing.assert_allclose(sri_order_conditions(SOSRI_TABLEAU), 0, atol=1e-12)
     np.testing.assert_allclose(sra_order_conditions(SRA1_TABLEAU), 0, atol=1e-14)
 
 
@@ -88,6 +90,14 @@ def test_strong_order_sriw1(sriw1_gbm, w_end):
     exact = gbm_exact(w_end)
     dts = 2.0 ** -np.arange(3, 8)
     errs = [np.mean(np.abs(sriw1_gbm(dt) - exact)) for dt in dts]
+    assert abs(_slope(dts, errs) - 1.5) < 0.25, errs
+
+
+def test_strong_order_sosri(w_end):
+    run = _fixed_runner(gbm_term(), nde.SOSRI(), GBM_ARGS, 300)
+    exact = gbm_exact(w_end)
+    dts = 2.0 ** -np.arange(3, 8)
+    errs = [np.mean(np.abs(run(dt) - exact)) for dt in dts]
     assert abs(_slope(dts, errs) - 1.5) < 0.25, errs
 
 

@@ -1,6 +1,6 @@
 from .base import AbstractSolver, StepInfo
 from .explicit_rk import RK4, Dopri5, Euler, ExplicitRK, Heun, Tsit5
-from .sde import SRA1, SRIW1, EulerMaruyama
+from .sde import SOSRI, SRA1, SRIW1, EulerMaruyama
 
 __all__ = ["AbstractSolver", "StepInfo", "ExplicitRK", "Euler", "Heun", "RK4", "Dopri5", "Tsit5",
-           "EulerMaruyama", "SRIW1", "SRA1"]
+           "EulerMaruyama", "SRIW1", "SOSRI", "SRA1"]
