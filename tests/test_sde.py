@@ -10,8 +10,7 @@ import pytest
 
 import neuralde as nde
 from neuralde import _brownian as B
-from neuralde.solvers.sde import (SOSRI_TABLEAU, SRA1_TABLEAU, SRIW1_TABLEAU, sra_order_conditions,
-                                  sri_order_conditions)
+from neuralde.solvers.sde import SOSRI_TABLEAU, SRA1_TABLEAU, SRIW1_TABLEAU, sra_order_conditions, sri_order_conditions
 
 LEVELS = 20  # SDETerm's default brownian_levels: the exact solutions below query the same tree
 T = 1.0
@@ -192,7 +191,7 @@ def test_noise_layouts_exact():
     seed = B.seed_from_key(key)
     w3 = np.asarray(jax.jit(lambda s: B.increment(s, 0.0, T, 0.0, T, 3, LEVELS, jnp.float64)[0])(seed))
     w2, w1 = w3[:2], w3[:1]  # the channels are the tree's components, in order
-    zero = lambda t, y, a: jax.tree_util.tree_map(jnp.zeros_like, y)  # noqa: E731
+    zero = lambda t, y, a: jax.tree_util.tree_map(jnp.zeros_like, y)
     G = jnp.array([[1.0, 0.5], [0.0, 2.0], [-1.0, 0.3]])
     y0 = jnp.array([1.0, 2.0, 3.0])
     def solve(term, y):
@@ -205,7 +204,7 @@ def test_noise_layouts_exact():
     scalar = solve(nde.SDETerm(zero, lambda t, y, a: c, noise="scalar"), y0)
     np.testing.assert_allclose(scalar, y0 + c * w1[0], atol=1e-12)
     tree0 = {"a": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
-    tree_g = lambda t, y, a: {"a": jnp.array([1.0, 2.0]), "b": jnp.array(4.0)}  # noqa: E731
+    tree_g = lambda t, y, a: {"a": jnp.array([1.0, 2.0]), "b": jnp.array(4.0)}
     out = solve(nde.SDETerm(zero, tree_g, noise="diagonal"), tree0)
     np.testing.assert_allclose(out["a"], np.array([1.0, 2.0]) + np.array([1.0, 2.0]) * w3[:2], atol=1e-12)
     np.testing.assert_allclose(out["b"], 3.0 + 4.0 * w3[2], atol=1e-12)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from .base import AbstractSolver, StepInfo
+from .base import AbstractSolver
 
 #: Weight of the drift part of the error estimate ``E = delta |E_D| + |E_N|``
 #: (Rackauckas & Nie 2017).
@@ -219,7 +219,7 @@ def _iterated(dw, h_area, dt):
         return (w * w - h) / (2 * sq), w / 2 + a, (w * w * w - 3 * h * w) / (6 * h)
 
     out = jtu.tree_map(leaf, dw, h_area)
-    pick = lambda i: jtu.tree_map(lambda _, o: o[i], dw, out)  # noqa: E731
+    pick = lambda i: jtu.tree_map(lambda _, o: o[i], dw, out)
     return pick(0), pick(1), pick(2)
 
 
@@ -229,7 +229,7 @@ def _lin_noise(pairs):
     for w, x in pairs:
         if isinstance(w, (int, float)) and w == 0:
             continue
-        term = jtu.tree_map(lambda v: w * v, x)
+        term = jtu.tree_map(lambda v, w=w: w * v, x)
         acc = term if acc is None else _add(acc, term)
     return acc
 
