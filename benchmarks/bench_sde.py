@@ -5,6 +5,13 @@ neuralde against diffrax and torchsde in one run.
     p = (1.5, 1, 3, 1), u0 = (1, 1), t in [0, 10], float64.
 
     python benchmarks/bench_sde.py [--target 1e-2] [--paths 100 10000] [--rounds 2] [--quick]
+    python benchmarks/bench_sde.py --tree [--tree-paths 10000]
+
+``--tree``: the Brownian trees alone: 64 queries (W and H over [s, s + 0.01]
+on [0, 10], 2 channels) per path for ``--tree-paths`` paths (vmap), neuralde's
+tree (``_brownian.increment``: two descents per query, as without a solver's
+cache) against diffrax's VirtualBrownianTree with SpaceTimeLevyArea at the
+same resolution, 12/16/20 levels; microseconds per query, best of 3 rounds.
 
 Strong error of a configuration: the mean over ``--calib`` paths (default 100)
 of max_i |u_i(10) - u_ref,i(10)|, where u_ref is the same library's solution
@@ -170,8 +177,58 @@ def make_torchsde():
     return run, with_ref
 
 
+def tree_bench(n_paths):
+    import diffrax
+    import jax
+    import jax.numpy as jnp
+
+    from neuralde import _brownian as B
+
+    jax.config.update("jax_enable_x64", True)
+    keys = jax.random.split(jax.random.key(0), n_paths)
+    seeds = jax.vmap(B.seed_from_key)(keys)
+    starts = jnp.linspace(0.1, 9.0, 64)
+
+    def ours(levels):
+        def one(seed):
+            def body(c, s):
+                W, H = B.increment(seed, 0.0, T, s, s + 0.01, 2, levels, jnp.float64)
+                return c + W[0] + H[0], None
+            return jax.lax.scan(body, 0.0, starts)[0]
+        return jax.jit(jax.vmap(one)), seeds
+
+    def theirs(levels):
+        def one(k):
+            bm = diffrax.VirtualBrownianTree(0.0, T, tol=T / 2**levels, shape=(2,), key=k,
+                                             levy_area=diffrax.SpaceTimeLevyArea)
+            def body(c, s):
+                inc = bm.evaluate(s, s + 0.01, use_levy=True)
+                return c + inc.W[0] + inc.H[0], None
+            return jax.lax.scan(body, 0.0, starts)[0]
+        return jax.jit(jax.vmap(one)), keys
+
+    fns = {}
+    for levels in (12, 16, 20):
+        fns[f"neuralde tree, {levels} levels"] = ours(levels)
+        fns[f"diffrax VirtualBrownianTree, tol 10/2^{levels}"] = theirs(levels)
+    for f, a in fns.values():
+        jax.block_until_ready(f(a))
+    best = {k: float("inf") for k in fns}
+    for _ in range(3):
+        for name, (f, a) in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(a))
+            best[name] = min(best[name], time.perf_counter() - t0)
+    for name, secs in best.items():
+        us = secs / n_paths / starts.size * 1e6
+        print(f"{name:45s} {us:8.2f} us/query")
+        print(json.dumps({"bench": "brownian_tree", "method": name, "paths": n_paths, "us_per_query": us}))
+
+
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--tree", action="store_true", help="time the Brownian trees alone")
+    parser.add_argument("--tree-paths", type=int, default=10_000)
     parser.add_argument("--target", type=float, default=1e-2, help="strong error to match")
     parser.add_argument("--paths", type=int, nargs="+", default=[100, 10_000])
     parser.add_argument("--calib", type=int, default=100, help="paths used to measure the strong error")
@@ -179,6 +236,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer sweep points, --paths 100 1000")
     parser.add_argument("--no-torch", action="store_true")
     ns = parser.parse_args()
+    if ns.tree:
+        return tree_bench(ns.tree_paths)
     if ns.quick:
         ns.paths = [100, 1000]
         ns.calib = min(ns.calib, 50)
