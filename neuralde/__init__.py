@@ -1,10 +1,12 @@
 """neuralde: neural differential equations in JAX."""
 from ._solution import Solution, Status
 from ._solve import solve
-from ._terms import AbstractTerm, ODETerm
-from .nn import NeuralODE
+from ._terms import AbstractTerm, ODETerm, SDETerm
+from . import ensemble
+from .nn import NeuralODE, NeuralSDE
 from .sensitivity import AbstractSensitivity, BacksolveAdjoint, CheckpointAdjoint, ForwardMode, ReverseMode
-from .solvers import RK4, AbstractSolver, Dopri5, Euler, Heun, Kvaerno3, Kvaerno4, Kvaerno5, Tsit5
+from .solvers import (RK4, SOSRI, SRA1, SRIW1, AbstractSolver, Dopri5, Euler, EulerMaruyama, Heun, Kvaerno3,
+                      Kvaerno4, Kvaerno5, Tsit5)
 
 __version__ = "0.1.0"
 
@@ -14,6 +16,7 @@ __all__ = [
     "Status",
     "AbstractTerm",
     "ODETerm",
+    "SDETerm",
     "AbstractSolver",
     "Euler",
     "Heun",
@@ -23,10 +26,16 @@ __all__ = [
     "Kvaerno3",
     "Kvaerno4",
     "Kvaerno5",
+    "EulerMaruyama",
+    "SRIW1",
+    "SOSRI",
+    "SRA1",
     "AbstractSensitivity",
     "ReverseMode",
     "CheckpointAdjoint",
     "BacksolveAdjoint",
     "ForwardMode",
     "NeuralODE",
+    "NeuralSDE",
+    "ensemble",
 ]

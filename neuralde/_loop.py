@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from . import _progress
+from . import _brownian
 from ._controller import PIController, all_finite, initial_step, scaled_error
 from ._interpolation import DenseHistory, evaluate_polynomial
 from ._solution import Status
@@ -47,7 +48,7 @@ class Problem:
     ``s = direction * t``. Later families extend it (Brownian increments for
     SDEs, the dense history for delay equations)."""
 
-    def __init__(self, term, args, direction, rtol=None, atol=None):
+    def __init__(self, term, args, direction, rtol=None, atol=None, span=None):
         self.term = term
         self.args = args
         self.direction = direction
@@ -55,11 +56,41 @@ class Problem:
         # iteration of implicit methods stops relative to them).
         self.rtol = rtol
         self.atol = atol
+        #: (s_start, s_end): the loop-time interval of the solve.
+        self.span = span
 
     def vf(self, s, y):
         d = self.direction
         out = self.term.vf(d * s, y, self.args)
         return jtu.tree_map(lambda o: d.astype(o.dtype) * o, out)
+
+    # --- SDEs (`SDETerm`; solved forward in time only, `solve` checks) ---
+
+    def diffusion(self, s, y):
+        return self.term.g(s, y, self.args)
+
+    def brownian(self, s0, s1, y):
+        """``(dW, H)`` over ``[s0, s1]``: the Brownian increment and its
+        space-time Lévy area, laid out for ``term.noise_product``. The path is
+        fixed by the term's seed and the span; it is data, not differentiated."""
+        t0, t1, s0, s1 = lax.stop_gradient((*self.span, s0, s1))
+        n = self.term.noise_size(y)
+        dw, h = _brownian.increment(self.term.seed, t0, t1, s0, s1, n, self.term.brownian_levels, s0.dtype)
+        return self.term.shape_noise(dw, y), self.term.shape_noise(h, y)
+
+    def brownian_start(self, s0, y):
+        """The Brownian tree's cache of time ``s0`` (a solver's state), so that
+        each step descends the tree once, for its new end (`brownian_step`)."""
+        t0, t1, s0 = lax.stop_gradient((*self.span, s0))
+        return _brownian.point(self.term.seed, t0, t1, s0, self.term.noise_size(y), self.term.brownian_levels,
+                               s0.dtype)
+
+    def brownian_step(self, cache, s1, y):
+        """``(dW, H, cache of s1)`` over ``[s0, s1]`` from the cache of ``s0``."""
+        t0, t1, s1 = lax.stop_gradient((*self.span, s1))
+        dw, h, cache1 = _brownian.increment_from(self.term.seed, t0, t1, cache, s1, self.term.noise_size(y),
+                                                 self.term.brownian_levels, s1.dtype)
+        return self.term.shape_noise(dw, y), self.term.shape_noise(h, y), cache1
 
 
 class LoopConfig(NamedTuple):
@@ -208,7 +239,7 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
     s_start, s_end = s_save[0], s_save[-1]
     span = s_end - s_start
     valid_times = jnp.all(s_save[1:] > s_save[:-1])
-    problem = Problem(term, args, direction, rtol, atol)
+    problem = Problem(term, args, direction, rtol, atol, span=(s_start, s_end))
 
     solver_state = solver.init(problem, s_start, y0)
     num_fevals = solver.init_fevals
@@ -265,10 +296,15 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
     # steps may stretch by up to 1% (Hairer's dopri5 does the same), fixed steps
     # only by round-off.
     land_slack = 0.01 if adaptive else 1e-6
+    step_to_saves = getattr(solver, "step_to_save_times", False)
 
     def attempt_step(core: _Core):
         t0 = core.t
         t1 = jnp.where(t0 + core.dt * (1 + land_slack) >= s_end, s_end, t0 + core.dt)
+        if step_to_saves:
+            # SDE solvers end their steps on the save times (see `_SDESolver`).
+            nxt = s_save[jnp.minimum(jnp.searchsorted(s_save, t0, side="right"), n_save - 1)]
+            t1 = jnp.where(t0 + core.dt * (1 + land_slack) >= nxt, nxt, t1)
         h = t1 - t0
         y1, y_err, coeffs, new_state, info = solver.step(problem, t0, h, core.y, core.solver_state)
         if not isinstance(info, StepInfo):

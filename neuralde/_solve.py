@@ -15,8 +15,9 @@ import numpy as np
 from ._controller import PIController
 from ._loop import LoopConfig, build_program
 from ._solution import Solution, status_messages
-from ._terms import AbstractTerm
-from .sensitivity import AbstractSensitivity, CheckpointAdjoint
+from ._brownian import seed_from_key
+from ._terms import AbstractTerm, SDETerm
+from .sensitivity import AbstractSensitivity, BacksolveAdjoint, CheckpointAdjoint
 from .solvers import AbstractSolver
 
 
@@ -58,17 +59,20 @@ def solve(
             ignored: the direction comes from ``t``.
         adaptive: ``False`` takes fixed steps of ``dt0`` with any solver.
         max_steps: bound on the number of steps, accepted plus rejected.
-        key: a `jax.random` key (used by stochastic terms; ignored by ODEs).
+        key: a `jax.random` key; required for an `SDETerm` (the Brownian path
+            is a deterministic function of it and of ``t[0]``, ``t[-1]``);
+            ignored by other terms.
         dense: keep the dense output for `Solution.evaluate`.
         throw: raise a runtime error if the solve fails (otherwise only
             ``Solution.status`` reports it).
         progress: show a meter of the fraction of ``[t0, t1]`` done.
     """
-    del key  # ODE terms are deterministic; stochastic terms will consume it.
     if sensitivity is None:
         sensitivity = CheckpointAdjoint()
     _check_types(term, solver, sensitivity)
     t = _as_times(t)
+    if isinstance(term, SDETerm):
+        term = _attach_key(term, solver, sensitivity, key, t)
     y0 = _as_state(y0)
     _check_values(rtol, atol, dt0, max_steps)
     adaptive = bool(adaptive) and solver.adaptive
@@ -100,6 +104,9 @@ def _solve_jit(term, solver, y0, t, args, sensitivity, rtol, atol, dt0, *, adapt
     time_dtype = _time_dtype(y0)
     ts = t.astype(time_dtype)
     _check_vector_field(term, ts[0], y0, args)
+    if isinstance(term, SDETerm):
+        _check_diffusion(term, ts[0], y0, args)
+        ts = eqx.error_if(ts, ts[-1] < ts[0], "SDEs are solved forward in time: `t` must be increasing.")
     if dt0 is not None:
         dt0 = jnp.abs(jnp.asarray(dt0, time_dtype))
     config = LoopConfig(
@@ -265,3 +272,62 @@ def _check_vector_field(term, t0, y0, args):
                 f"dy/dt must have the dtype of y. Cast the output (e.g. .astype(y.dtype)) or create y0 "
                 f"with dtype {got.dtype}."
             )
+
+
+# ----------------------------------------------------------------------- SDEs
+
+
+def _attach_key(term, solver, sensitivity, key, t):
+    """Check an SDE solve's key and noise/solver fit; return the term carrying
+    the seed of its Brownian tree."""
+    if key is None:
+        raise ValueError(
+            "`key` is required for an SDETerm: the Brownian path is generated from it. Pass e.g. "
+            "key=jax.random.key(0) (the same key gives the same path)."
+        )
+    is_typed = hasattr(key, "dtype") and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    is_raw = hasattr(key, "dtype") and key.dtype == jnp.uint32 and tuple(key.shape) == (2,)
+    if not (is_typed and key.shape == ()) and not is_raw:
+        got = f"{type(key).__name__} with dtype {key.dtype} and shape {tuple(key.shape)}" if hasattr(key, "dtype") \
+            else type(key).__name__
+        raise TypeError(
+            f"`key` must be one jax.random key (jax.random.key(0) or jax.random.PRNGKey(0)); got {got}. "
+            "For an ensemble, vmap over keys: jax.vmap(lambda k: solve(..., key=k))(jax.random.split(key, n))."
+        )
+    noise_types = getattr(solver, "noise_types", ())
+    if term.noise not in noise_types:
+        raise TypeError(
+            f"{type(solver).__name__}() cannot solve noise={term.noise!r}: it needs noise in "
+            f"{', '.join(map(repr, noise_types))}. Use EulerMaruyama() (any noise)"
+            + (", or SRA1() for additive noise." if term.noise == "additive" else ".")
+        )
+    if isinstance(sensitivity, BacksolveAdjoint):
+        raise TypeError(
+            "BacksolveAdjoint() does not support SDEs (the continuous adjoint of an SDE needs the stochastic "
+            "adjoint of Li et al. 2020, not implemented). Use CheckpointAdjoint() (the default), ReverseMode() "
+            "or ForwardMode(): they differentiate the computed path for the fixed key."
+        )
+    if _concrete(t) and t.shape[0] >= 2 and not np.asarray(t)[-1] > np.asarray(t)[0]:
+        raise ValueError("SDEs are solved forward in time: `t` must be increasing; got t[0] >= t[-1].")
+    return term.with_seed(seed_from_key(key))
+
+
+def _check_diffusion(term, t0, y0, args):
+    args_dyn, args_static = eqx.partition(args, eqx.is_array)
+    out = jax.eval_shape(lambda t, y, a: term.g(t, y, eqx.combine(a, args_static)), t0, y0, args_dyn)
+    if term.noise == "general":
+        size = sum(int(np.prod(leaf.shape)) for leaf in jtu.tree_leaves(y0))
+        want = (size, term.noise_dim)
+        if not hasattr(out, "shape") or tuple(out.shape) != want:
+            got = _describe(out)
+            raise ValueError(
+                f"With noise='general' the diffusion must return a matrix of shape (y.size, noise_dim) = {want}; "
+                f"got {got}."
+            )
+        return
+    if jtu.tree_structure(out) != jtu.tree_structure(y0) or any(
+            tuple(a.shape) != tuple(b.shape) for a, b in zip(jtu.tree_leaves(out), jtu.tree_leaves(y0))):
+        raise ValueError(
+            f"With noise={term.noise!r} the diffusion must return the structure and shapes of `y0` "
+            f"({_describe(y0)}); got {_describe(out)}. For a (y.size, m) matrix use noise='general', noise_dim=m."
+        )

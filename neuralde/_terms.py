@@ -6,6 +6,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import equinox as eqx
+import jax.tree_util as jtu
+import numpy as np
+from jax.flatten_util import ravel_pytree
 
 
 class AbstractTerm(eqx.Module):
@@ -32,3 +35,105 @@ class ODETerm(AbstractTerm):
 
     def vf(self, t, y, args):
         return self.vector_field(t, y, args)
+
+
+_NOISE_TYPES = ("diagonal", "scalar", "additive", "general")
+
+
+class SDETerm(AbstractTerm):
+    """An Itô stochastic differential equation
+    ``dy = drift(t, y, args) dt + diffusion(t, y, args) dW``.
+
+    ``noise`` says how ``diffusion`` meets the Brownian motion ``W``:
+
+    * ``"diagonal"``: ``diffusion`` returns the structure of ``y``; one
+      independent Brownian motion per component, ``dy_i = ... + g_i dW_i``.
+    * ``"scalar"``: ``diffusion`` returns the structure of ``y``; one Brownian
+      motion shared by every component, ``dy_i = ... + g_i dW``.
+    * ``"additive"``: like ``"diagonal"``, but ``diffusion`` must not depend on
+      ``y`` (it may depend on ``t`` and ``args``); `SRA1` exploits this.
+    * ``"general"``: ``diffusion`` returns a matrix of shape ``(y.size,
+      noise_dim)`` (``y`` raveled), driven by ``noise_dim`` independent
+      Brownian motions.
+
+    The Brownian path comes from the ``key`` given to `neuralde.solve`, through
+    a virtual Brownian tree over ``[t[0], t[-1]]`` (`neuralde._brownian`) whose
+    leaves are ``2**-brownian_levels`` of the span.
+    """
+
+    drift: Callable[[Any, Any, Any], Any]
+    diffusion: Callable[[Any, Any, Any], Any]
+    noise: str = eqx.field(static=True)
+    noise_dim: Any = eqx.field(static=True)
+    brownian_levels: int = eqx.field(static=True)
+    #: Two uint32 words seeding the Brownian tree; set by `solve` from its key.
+    seed: Any = None
+
+    def __init__(self, drift, diffusion, noise: str = "diagonal", noise_dim=None, *, brownian_levels: int = 20,
+                 seed=None):
+        for name, fn in (("drift", drift), ("diffusion", diffusion)):
+            if not callable(fn):
+                raise TypeError(f"SDETerm({name}=...): expected a callable {name}(t, y, args); got {type(fn).__name__}.")
+        if noise not in _NOISE_TYPES:
+            raise ValueError(f"SDETerm(noise=...): expected one of {', '.join(map(repr, _NOISE_TYPES))}; got {noise!r}.")
+        if noise == "general":
+            if isinstance(noise_dim, bool) or not isinstance(noise_dim, (int, np.integer)) or noise_dim < 1:
+                raise ValueError(
+                    "SDETerm(noise='general') needs `noise_dim`, the number of independent Brownian motions (a "
+                    f"positive integer; diffusion returns shape (y.size, noise_dim)); got noise_dim={noise_dim!r}."
+                )
+            noise_dim = int(noise_dim)
+        elif noise_dim is not None:
+            raise ValueError(
+                f"SDETerm(noise={noise!r}) takes no `noise_dim` (it is implied by the noise type; only "
+                f"noise='general' needs it); got noise_dim={noise_dim!r}."
+            )
+        if isinstance(brownian_levels, bool) or not isinstance(brownian_levels, (int, np.integer)) or not (
+                1 <= brownian_levels <= 30):
+            raise ValueError(f"SDETerm(brownian_levels=...): expected an integer in [1, 30]; got {brownian_levels!r}.")
+        self.drift = drift
+        self.diffusion = diffusion
+        self.noise = noise
+        self.noise_dim = noise_dim
+        self.brownian_levels = int(brownian_levels)
+        self.seed = seed
+
+    def vf(self, t, y, args):
+        return self.drift(t, y, args)
+
+    def g(self, t, y, args):
+        return self.diffusion(t, y, args)
+
+    def noise_size(self, y) -> int:
+        """Number of independent Brownian motions for a state like ``y``."""
+        if self.noise in ("diagonal", "additive"):
+            return sum(int(np.prod(leaf.shape)) for leaf in jtu.tree_leaves(y))
+        if self.noise == "scalar":
+            return 1
+        return self.noise_dim
+
+    def shape_noise(self, flat, y):
+        """A flat vector of ``noise_size(y)`` numbers (an increment, or any
+        coefficient built from increments) in the layout `noise_product`
+        expects: the structure of ``y`` (diagonal/additive), a scalar
+        (scalar), a ``(noise_dim,)`` vector (general)."""
+        if self.noise in ("diagonal", "additive"):
+            _, unravel = ravel_pytree(y)
+            return unravel(flat)
+        if self.noise == "scalar":
+            return flat[0]
+        return flat
+
+    def noise_product(self, g, dw, y):
+        """``g dW`` in the structure of ``y``: ``g`` from ``diffusion``, ``dw``
+        laid out by `shape_noise`."""
+        if self.noise in ("diagonal", "additive"):
+            return jtu.tree_map(lambda a, b: a * b.astype(a.dtype), g, dw)
+        if self.noise == "scalar":
+            return jtu.tree_map(lambda a: a * dw.astype(a.dtype), g)
+        flat_y, unravel = ravel_pytree(y)
+        return unravel((g @ dw.astype(g.dtype)).astype(flat_y.dtype))
+
+    def with_seed(self, seed) -> "SDETerm":
+        return SDETerm(self.drift, self.diffusion, self.noise, self.noise_dim,
+                       brownian_levels=self.brownian_levels, seed=seed)

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
+from .._terms import SDETerm
+
 
 class AbstractSensitivity(eqx.Module):
     def run(self, build, inputs):
@@ -50,6 +52,8 @@ def closure_convert_term(term, t0, y0, args):
     of an `eqx.Module` field and tracers of an outer transformation) into
     explicit inputs, so that a custom derivative rule differentiates them
     instead of silently treating them as constants."""
+    if isinstance(term, SDETerm):
+        return _closure_convert_sde(term, t0, y0, args)
     args_dyn, args_static = eqx.partition(args, eqx.is_array)
 
     def field(t, y, a):
@@ -57,3 +61,26 @@ def closure_convert_term(term, t0, y0, args):
 
     fn, consts = jax.closure_convert(field, t0, y0, args_dyn)
     return _ConvertedTerm(fn=fn, consts=tuple(consts))
+
+
+class _ConvertedField(eqx.Module):
+    """A function ``f(t, y, args)`` with its closed-over arrays in ``consts``."""
+
+    fn: object = eqx.field(static=True)
+    consts: tuple
+
+    def __call__(self, t, y, args):
+        return self.fn(t, y, eqx.filter(args, eqx.is_array), *self.consts)
+
+
+def _closure_convert_sde(term, t0, y0, args):
+    # Drift and diffusion are converted separately; the seed of the Brownian
+    # path stays a (non-differentiable, integer) leaf of the term.
+    args_dyn, args_static = eqx.partition(args, eqx.is_array)
+
+    def convert(f):
+        fn, consts = jax.closure_convert(lambda t, y, a: f(t, y, eqx.combine(a, args_static)), t0, y0, args_dyn)
+        return _ConvertedField(fn=fn, consts=tuple(consts))
+
+    return SDETerm(convert(term.drift), convert(term.diffusion), term.noise, term.noise_dim,
+                   brownian_levels=term.brownian_levels, seed=term.seed)

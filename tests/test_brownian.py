@@ -1,0 +1,123 @@
+"""The virtual Brownian tree: the law of W and of the space-time Lévy area H
+(KS tests, covariances), independence, consistency under subdivision,
+determinism, float32 precision."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from neuralde import _brownian as B
+
+N = 4000
+LEVELS = 16
+# Fixed seeds: the tests are deterministic; thresholds are 4-sigma / p > 1e-4.
+SEEDS = jax.vmap(B.seed_from_key)(jax.random.split(jax.random.key(2024), N))
+unit = jax.jit(B.unit_increment, static_argnums=(3, 4, 5))
+
+
+@pytest.fixture(scope="module")
+def query():
+    """(W, H) over [s, t] of the standard Brownian motion on [0, 1], for all N
+    seeds at once; s and t are traced, so one compilation serves every test."""
+    f = jax.jit(jax.vmap(lambda seed, s, t: B.unit_increment(seed, s, t, 2, LEVELS), in_axes=(0, None, None)))
+    return lambda s, t: tuple(np.asarray(x) for x in f(SEEDS, jnp.float64(s), jnp.float64(t)))
+
+
+INTERVALS = [(0.0, 1.0), (0.0, 0.5), (0.25, 0.5), (0.1, 0.35), (0.49, 0.51), (0.3, 0.3 + 2e-3), (0.123, 0.9)]
+
+
+@pytest.mark.parametrize("s,t", INTERVALS)
+def test_increment_law_ks(query, s, t):
+    W, H = query(s, t)
+    h = t - s
+    for comp in range(2):
+        assert stats.kstest(W[:, comp] / np.sqrt(h), "norm").pvalue > 1e-4
+        assert stats.kstest(H[:, comp] / np.sqrt(h / 12), "norm").pvalue > 1e-4
+    # W and H are uncorrelated (independent Gaussians).
+    assert abs(np.corrcoef(W[:, 0], H[:, 0])[0, 1]) < 4 / np.sqrt(N)
+
+
+def test_split_covariance(query):
+    """The halves of [0, 1]: (W1, H1, W2, H2) independent with variances
+    (1/2, 1/24, 1/2, 1/24), and they recombine into the whole's (W, H)."""
+    W1, H1 = query(0.0, 0.5)
+    W2, H2 = query(0.5, 1.0)
+    W, H = query(0.0, 1.0)
+    X = np.stack([W1[:, 0], H1[:, 0], W2[:, 0], H2[:, 0]])
+    cov = np.cov(X)
+    want = np.diag([0.5, 1 / 24, 0.5, 1 / 24])
+    sd = np.sqrt(np.outer(np.diag(want), np.diag(want)) / N)  # standard error of each entry (Gaussian)
+    sd[np.diag_indices(4)] *= np.sqrt(2)
+    assert np.all(np.abs(cov - want) < 4 * sd)
+    np.testing.assert_allclose(W1 + W2, W, atol=1e-13)
+    np.testing.assert_allclose((H1 + H2) / 2 + (W1 - W2) / 4, H, atol=1e-13)
+
+
+def test_disjoint_increments_independent(query):
+    Wa, Ha = query(0.1, 0.4)
+    Wb, Hb = query(0.4, 0.77)
+    for a in (Wa[:, 0], Ha[:, 0]):
+        for b in (Wb[:, 0], Hb[:, 0]):
+            assert abs(np.corrcoef(a, b)[0, 1]) < 4 / np.sqrt(N)
+    # Components are independent Brownian motions.
+    assert abs(np.corrcoef(Wa[:, 0], Wa[:, 1])[0, 1]) < 4 / np.sqrt(N)
+
+
+def test_subdivision_consistency(query):
+    """W(s,u) + W(u,t) = W(s,t) and the time integrals add up:
+    I(s,t) = I(s,u) + I(u,t) + (t-u) W(s,u), with I = h (H + W/2)."""
+    s, u, t = 0.05, 0.3711, 0.8
+    Wa, Ha = query(s, u)
+    Wb, Hb = query(u, t)
+    W, H = query(s, t)
+    np.testing.assert_allclose(Wa + Wb, W, atol=1e-12)
+
+    def integral(w, h_, length):
+        return length * (h_ + w / 2)
+
+    lhs = integral(Wa, Ha, u - s) + integral(Wb, Hb, t - u) + (t - u) * Wa
+    np.testing.assert_allclose(lhs, integral(W, H, t - s), atol=1e-12)
+
+
+def test_determinism_and_keys(query):
+    a = query(0.2, 0.7)
+    b = query(0.2, 0.7)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    # Different keys give different paths; typed and legacy keys both work.
+    s1 = B.seed_from_key(jax.random.key(0))
+    s2 = B.seed_from_key(jax.random.PRNGKey(0))
+    s3 = B.seed_from_key(jax.random.key(1))
+    w1 = unit(s1, 0.1, 0.2, 1, LEVELS, jnp.float64)[0]
+    w3 = unit(s3, 0.1, 0.2, 1, LEVELS, jnp.float64)[0]
+    assert s2.shape == (2,)
+    assert float(jnp.abs(w1 - w3)[0]) > 0
+
+
+def test_scaling_to_span():
+    """On [t0, t1] the path is sqrt(span) times the unit path at rescaled times."""
+    seed = B.seed_from_key(jax.random.key(5))
+    W, H = jax.jit(B.increment, static_argnums=(5, 6, 7))(seed, 2.0, 6.0, 3.0, 5.0, 3, LEVELS, jnp.float64)
+    Wu, Hu = unit(seed, 0.25, 0.75, 3, LEVELS, jnp.float64)
+    np.testing.assert_allclose(W, 2.0 * Wu, rtol=1e-12)
+    np.testing.assert_allclose(H, 2.0 * Hu, rtol=1e-12)
+
+
+def test_float32_short_interval_precision():
+    """Over a short step W and H keep their relative precision in float32: the
+    query adds only pieces inside the interval, never differences of large
+    sums (an O(1) running integral would lose everything here). What remains
+    is the rounding of the top-down conditioning, measured at ~1e-3 relative."""
+    seed = B.seed_from_key(jax.random.key(7))
+    s, t = 0.4999, 0.5002  # straddles the root's midpoint: the worst case for cancellation
+    W64, H64 = unit(seed, s, t, 4, 20, jnp.float64)
+    W32, H32 = unit(seed, np.float32(s), np.float32(t), 4, 20, jnp.float32)
+    scale = np.sqrt(t - s)
+    assert np.max(np.abs(np.asarray(W32, np.float64) - W64)) < 5e-3 * scale
+    assert np.max(np.abs(np.asarray(H32, np.float64) - H64)) < 5e-3 * scale
+
+
+def test_levels_validation():
+    with pytest.raises(ValueError, match="levels"):
+        B.unit_increment(B.seed_from_key(jax.random.key(0)), 0.0, 1.0, 1, levels=40)
