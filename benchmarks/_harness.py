@@ -247,18 +247,27 @@ def report(workload: str, title: str, cases, *, baseline: Optional[str] = None, 
     result = {"workload": workload, "title": title, "baseline": base.name, "floor": floor,
               "settings": settings or {}, **env, "rows": rows}
     if save:
-        os.makedirs(RESULTS_DIR, exist_ok=True)
-        platform_tag = "gpu" if not env["device"].startswith("cpu") else "cpu"
-        path = os.path.join(RESULTS_DIR, f"{workload}_{platform_tag}.json")
-        history = []
-        if os.path.exists(path):
-            with open(path) as f:
-                history = json.load(f)
-        history.append(result)
-        with open(path, "w") as f:
-            json.dump(history, f, indent=1)
-        print(f"  results appended to {os.path.relpath(path)}")
+        save_result(result)
     return result
+
+
+def save_result(result: dict, env: Optional[dict] = None):
+    """Append ``result`` (with the environment: date, device, versions) to
+    ``benchmarks/results/<workload>_<cpu|gpu>.json``."""
+    if env is None and "date" not in result:
+        result = {**result, **environment()}
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    platform_tag = "gpu" if not result["device"].startswith("cpu") else "cpu"
+    path = os.path.join(RESULTS_DIR, f"{result['workload']}_{platform_tag}.json")
+    history = []
+    if os.path.exists(path):
+        with open(path) as f:
+            history = json.load(f)
+    history.append(result)
+    with open(path, "w") as f:
+        json.dump(history, f, indent=1)
+    print(f"  results appended to {os.path.relpath(path)}")
+    return path
 
 
 def _short(name):
