@@ -37,6 +37,14 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+# One thread for XLA on the CPU, as for PyTorch (`torch_threads`): the ratios
+# then compare the libraries' work rather than how their ops split over cores,
+# and they survive a loaded machine (multi-threaded ops stall when another
+# process holds a core). Must be set before jax is imported; a user-set
+# XLA_FLAGS is kept as it is. No effect on GPU kernels.
+if "XLA_FLAGS" not in os.environ and os.environ.get("NEURALDE_BENCH_THREADS", "1") == "1":
+    os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
 # NEURALDE_BENCH_RESULTS redirects the JSON files (e.g. on a remote machine).
 RESULTS_DIR = os.environ.get("NEURALDE_BENCH_RESULTS") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                                        "results")

@@ -38,7 +38,13 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--platform", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--out", default=None)
+    parser.add_argument("--markdown", action="store_true", help="print the latest tables as markdown instead")
+    parser.add_argument("--summary", action="store_true", help="print one markdown row per table instead")
     ns = parser.parse_args()
+    if ns.markdown:
+        return print_markdown(latest_tables(ns.platform))
+    if ns.summary:
+        return print_summary(latest_tables(ns.platform))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,6 +91,66 @@ def main():
     out = ns.out or os.path.join(HERE, "results", f"ratios_{ns.platform}.png")
     fig.savefig(out, dpi=110)
     print(f"wrote {os.path.relpath(out)}")
+
+
+def print_markdown(tables):
+    """The latest tables as markdown: time, ratio to neuralde, overhead over
+    the floor, compile time and its ratio, accuracy where measured."""
+    for t in tables:
+        rows = {r["case"]: r for r in t["rows"]}
+        base = rows[t["baseline"]]
+        print(f"\n**{t['workload']}** {t['title']} ({t['device']}, {t['date']}, jax {t['versions']['jax']}, "
+              f"diffrax {t['versions']['diffrax']}, torch {t['versions']['torch']}, neuralde {t['neuralde_commit']})\n")
+        acc = "rel_err" if any("rel_err" in r for r in t["rows"]) else ("max_err" if any("max_err" in r for r in
+                                                                                          t["rows"]) else None)
+        print("| case | time | neuralde / this | this / floor | compile s | neuralde compile / this |"
+              + (f" {acc} |" if acc else ""))
+        print("|---|---|---|---|---|---|" + ("---|" if acc else ""))
+        for name, r in rows.items():
+            is_floor = name == t.get("floor")
+            ratio = base["time_s"] / r["time_s"]
+            fl = r.get("ratio_to_floor")
+            comp = r.get("compile_s")
+            cr = (base["compile_s"] / comp) if comp and base.get("compile_s") else None
+            cells = [name, _ms(r["time_s"]), f"{ratio:.3g}" if name != t["baseline"] else "1",
+                     "-" if is_floor or fl is None else f"{fl:.3g}",
+                     "-" if comp is None else f"{comp:.2f}",
+                     "-" if cr is None or name == t["baseline"] else f"{cr:.2f}"]
+            if acc:
+                v = r.get(acc)
+                cells.append("-" if v is None else f"{v:.1e}")
+            print("| " + " | ".join(cells) + " |")
+
+
+def print_summary(tables):
+    """One row per table: neuralde's time, its time divided by each peer's
+    (below 1: neuralde faster), its overhead over the floor, compile ratio."""
+    print("| workload | neuralde | / diffrax | / odeint | / torchdiffeq | / scipy | / floor | compile / diffrax |")
+    print("|---|---|---|---|---|---|---|---|")
+    for t in tables:
+        rows = {r["case"]: r for r in t["rows"]}
+        base = rows[t["baseline"]]
+        mode = t["settings"].get("mode", "")
+        kind = ("grad" if t["settings"].get("grad") else "fwd") if "grad" in t["settings"] else ""
+        cells = [f"{t['workload']} {mode} {kind}".strip(), _ms(base["time_s"])]
+        dfx_compile = None
+        for peer in ("diffrax", "odeint", "torchdiffeq", "scipy", "floor"):
+            match = [r for name, r in rows.items() if peer in name and not name.startswith("neuralde")]
+            # W2: the diffrax row to compare with is its exact-gradient default.
+            match.sort(key=lambda r: "RecursiveCheckpoint" not in r["case"] and "backprop" not in r["case"])
+            if match:
+                cells.append(f"{base['time_s'] / match[0]['time_s']:.3g}")
+                if peer == "diffrax":
+                    dfx_compile = match[0].get("compile_s")
+            else:
+                cells.append("-")
+        cells.append(f"{base['compile_s'] / dfx_compile:.2f}" if dfx_compile and base.get("compile_s") else "-")
+        print("| " + " | ".join(cells) + " |")
+
+
+def _ms(s):
+    ms = 1e3 * s
+    return f"{ms:.3g} ms" if ms < 1000 else f"{s:.3g} s"
 
 
 def _peer(name):
