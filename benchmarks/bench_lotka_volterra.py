@@ -191,7 +191,8 @@ def w2(ns):
     nfev = int(H.first_call(cases[0])[0][1])
     for c in cases[:4]:
         c.nfev = nfev
-    add("diffrax RecursiveCheckpointAdjoint", jax.jit(jax.value_and_grad(dfx_loss(diffrax.RecursiveCheckpointAdjoint()))))
+    add("diffrax RecursiveCheckpointAdjoint",
+        jax.jit(jax.value_and_grad(dfx_loss(diffrax.RecursiveCheckpointAdjoint()))))
     add("diffrax DirectAdjoint", jax.jit(jax.value_and_grad(dfx_loss(diffrax.DirectAdjoint()))))
     add("diffrax BacksolveAdjoint", jax.jit(jax.value_and_grad(dfx_loss(diffrax.BacksolveAdjoint()))))
     add("diffrax ForwardMode (jacfwd)", jax.jit(jax.jacfwd(dfx_loss(diffrax.ForwardMode()))))

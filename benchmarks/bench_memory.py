@@ -1,7 +1,8 @@
 """W7: peak memory of ONE jitted `value_and_grad` of a neural ODE as the span grows
 10x, for every neuralde sensitivity and diffrax's adjoints in one run (issues #3, #8).
 
-    python benchmarks/bench_memory.py [--spans 10 30 100] [--steps-per-time 40] [--quick] [--rss] [--float32] [--no-save]
+    python benchmarks/bench_memory.py [--spans 10 30 100] [--steps-per-time 40] [--quick] [--rss] [--float32]
+                                      [--no-save]
 
 The tables are also appended to ``benchmarks/results/W7_<cpu|gpu>.json``.
 

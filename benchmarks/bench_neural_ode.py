@@ -130,7 +130,6 @@ def _nfev_of(case, grad):
 
 def workload_batched(ns, workload, sizes, batch, dim, seed, modes, tol=(1e-5, 1e-6), title=""):
     """W4 / W8: forward and gradient of a batched MLP neural ODE on [0, 1]."""
-    import jax
     import jax.numpy as jnp
 
     rtol, atol = tol

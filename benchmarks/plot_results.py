@@ -49,7 +49,6 @@ def main():
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     tables = latest_tables(ns.platform)
     if not tables:

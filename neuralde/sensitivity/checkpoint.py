@@ -186,7 +186,8 @@ class CheckpointAdjoint(AbstractSensitivity):
             ct_packed0 = zero_tangents(prog.packed)
             ct_d0 = zero_tangents(d)
             _, ct_packed, ct_d = lax.while_loop(
-                lambda c: c[0] >= 0, single if seg == 1 else segment, (jnp.minimum(n_seg, n_ckpt) - 1, ct_packed0, ct_d0)
+                lambda c: c[0] >= 0, single if seg == 1 else segment,
+                (jnp.minimum(n_seg, n_ckpt) - 1, ct_packed0, ct_d0),
             )
 
             # The initial carry, the first saved value (y0 itself) and the
