@@ -1,191 +1,266 @@
-"""Lotka--Volterra, Tsit5, rtol = atol = 1e-6, 101 save times on [0, 10]:
-neuralde against diffrax (and jax.experimental.ode.odeint, Dopri5) in one run.
+"""W1 and W2: Lotka--Volterra, neuralde against its peers in one run.
 
-    python benchmarks/bench_lotka_volterra.py [--repeats 300] [--rounds 5] [--float32] [--grad]
+    python benchmarks/bench_lotka_volterra.py [--rounds 5] [--budget 0.3] [--only W1|W2] [--no-save]
 
-With ``--grad``: one jitted ``value_and_grad`` of ``sum(ys**2)`` w.r.t. ``p``
-for each of neuralde's four gradient methods and diffrax's three adjoints
-(compile time, run time, ratio, and the relative difference of the gradient
-to neuralde's CheckpointAdjoint). Otherwise, for each library: compile time (first call, including tracing),
-steady-state time of one jitted solve (median over interleaved rounds of
-repeated calls, so that all libraries see the same machine load), steps
-(accepted + rejected), max error against scipy DOP853 at rtol = atol = 1e-13,
-and the ratios to neuralde. Absolute times depend on the machine and its load;
-the ratios are what to compare.
+W1 (solve): dx/dt = a x - b x y, dy/dt = -d y + g x y with p = (a, b, d, g) =
+(1.5, 1, 3, 1), u0 = (1, 1), t in [0, 10], 101 save points, rtol = atol =
+1e-6, float64. One jitted solve returning the 101 states: neuralde Tsit5,
+diffrax Tsit5 (PIDController, its default I controller, SaveAt(ts)),
+jax.experimental.ode.odeint (Dopri5), torchdiffeq dopri5 (CPU, one thread),
+scipy solve_ivp RK45; "max err" against scipy DOP853 at rtol = atol = 1e-13.
+
+W2 (gradient): the gradient of L(p) = sum_i sum_k (u_k(t_i) - 1)^2 over the
+101 save points and both components, at p = (2.2, 1.0, 2.0, 0.4), same u0,
+times and tolerances, one jitted ``value_and_grad`` per method: neuralde's four
+sensitivities, diffrax's RecursiveCheckpointAdjoint, DirectAdjoint,
+BacksolveAdjoint and ForwardMode (``jax.jacfwd``, gradient only), odeint (its
+continuous adjoint), torchdiffeq (backprop through the solver, and
+odeint_adjoint). "rel err" is ``|g - g_fd| / |g_fd|`` (2-norm) against central
+differences (step 1e-4 p_k) of L computed with scipy DOP853 at rtol = atol =
+1e-12.
+
+The floor column divides by the same number of vector-field evaluations as
+neuralde's solve (its ``stats["num_fevals"]``) in a bare ``lax.fori_loop``
+(W1) or a ``lax.scan`` under ``value_and_grad`` (W2); see `_harness`.
 """
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import sys
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as H  # noqa: E402
 
-def _time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        _block(out)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+P_SOLVE = (1.5, 1.0, 3.0, 1.0)
+P_GRAD = (2.2, 1.0, 2.0, 0.4)
+RTOL = ATOL = 1e-6
 
 
-def _block(out):
-    import jax
+def lv(t, u, p):
+    import jax.numpy as jnp
 
-    jax.tree_util.tree_map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, out)
+    x, y = u[0], u[1]
+    a, b, d, g = p[0], p[1], p[2], p[3]
+    return jnp.stack([a * x - b * x * y, -d * y + g * x * y])
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=300, help="timed calls per library per round")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (machine noise)")
-    parser.add_argument("--float32", action="store_true", help="solve in float32 instead of float64")
-    parser.add_argument("--grad", action="store_true",
-                        help="time one jitted value_and_grad of sum(ys**2) w.r.t. p for every gradient method")
-    ns = parser.parse_args()
+def _scipy_solution(p, rtol, atol, method="DOP853"):
+    from scipy.integrate import solve_ivp
 
+    a, b, d, g = p
+
+    def f(t, u):
+        x, y = u
+        return np.array([a * x - b * x * y, -d * y + g * x * y])
+
+    sol = solve_ivp(f, (0.0, 10.0), np.array([1.0, 1.0]), method=method, rtol=rtol, atol=atol,
+                    t_eval=np.linspace(0.0, 10.0, 101))
+    return sol
+
+
+def fd_gradient(p, h_rel=1e-4):
+    """Central differences of L with a tight scipy solve: the W2 reference."""
+    p = np.asarray(p, float)
+
+    def loss(q):
+        return float(np.sum((_scipy_solution(q, 1e-12, 1e-12).y - 1.0) ** 2))
+
+    g = np.zeros_like(p)
+    for k in range(p.size):
+        h = h_rel * max(abs(p[k]), 1.0)
+        e = np.zeros_like(p)
+        e[k] = h
+        g[k] = (loss(p + e) - loss(p - e)) / (2 * h)
+    return g
+
+
+def w1(ns):
     import jax
     import jax.numpy as jnp
 
-    jax.config.update("jax_enable_x64", not ns.float32)
-    dtype = jnp.float32 if ns.float32 else jnp.float64
     import neuralde as nde
 
-    p = jnp.array([1.5, 1.0, 3.0, 1.0], dtype)
-    u0 = jnp.array([1.0, 1.0], dtype)
-    ts = jnp.linspace(0.0, 10.0, 101, dtype=dtype)
-    rtol = atol = 1e-6
-
-    def lv(t, u, p):
-        x, y = u[0], u[1]
-        a, b, d, g = p[0], p[1], p[2], p[3]
-        return jnp.stack([a * x - b * x * y, -d * y + g * x * y])
-
-    from scipy.integrate import solve_ivp
-
-    def lv_numpy(t, u):  # float64 whatever the solve's dtype: the reference must not inherit float32 noise
-        x, y = u
-        return np.array([1.5 * x - x * y, -3.0 * y + x * y])
-
-    ref = solve_ivp(lv_numpy, (0.0, 10.0), np.array([1.0, 1.0]), method="DOP853", rtol=1e-13, atol=1e-13,
-                    t_eval=np.linspace(0.0, 10.0, 101)).y.T
-
-    rows = []
-    if ns.grad:
-        return _grad_table(ns, jax, jnp, nde, lv, u0, p, ts, rtol, atol)
+    p = jnp.array(P_SOLVE)
+    u0 = jnp.array([1.0, 1.0])
+    ts = jnp.linspace(0.0, 10.0, 101)
+    ref = _scipy_solution(P_SOLVE, 1e-13, 1e-13).y.T
+    cases = []
 
     @jax.jit
     def nde_solve(u0, p):
-        sol = nde.solve(nde.ODETerm(lv), nde.Tsit5(), u0, ts, args=p, rtol=rtol, atol=atol)
-        return sol.ys, sol.stats["num_steps"] + sol.stats["num_rejected"]
+        sol = nde.solve(nde.ODETerm(lv), nde.Tsit5(), u0, ts, args=p, rtol=RTOL, atol=ATOL)
+        return sol.ys, sol.stats["num_fevals"]
 
-    rows.append(_prepare("neuralde Tsit5", nde_solve, u0, p, ref))
+    cases.append(H.Case("neuralde Tsit5", lambda: nde_solve(u0, p)))
+    nfev = cases[0].nfev = int(H.first_call(cases[0])[1])
 
-    try:
-        import diffrax
+    import diffrax
 
-        @jax.jit
-        def dfx_solve(u0, p):
-            sol = diffrax.diffeqsolve(
-                diffrax.ODETerm(lv), diffrax.Tsit5(), ts[0], ts[-1], None, u0, args=p,
-                saveat=diffrax.SaveAt(ts=ts), stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-                adjoint=diffrax.RecursiveCheckpointAdjoint(),
-            )
-            return sol.ys, sol.stats["num_steps"]
+    @jax.jit
+    def dfx_solve(u0, p):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(lv), diffrax.Tsit5(), ts[0], ts[-1], None, u0, args=p,
+            saveat=diffrax.SaveAt(ts=ts), stepsize_controller=diffrax.PIDController(rtol=RTOL, atol=ATOL))
+        return sol.ys
 
-        rows.append(_prepare("diffrax Tsit5", dfx_solve, u0, p, ref))
-    except ImportError:
-        print("diffrax not installed: pip install '.[bench]'")
+    cases.append(H.Case("diffrax Tsit5", lambda: dfx_solve(u0, p)))
 
     from jax.experimental.ode import odeint
 
-    @jax.jit
-    def ode_solve(u0, p):
-        return odeint(lambda u, t, p: lv(t, u, p), u0, ts, p, rtol=rtol, atol=atol), jnp.array(-1)
+    ode_solve = jax.jit(lambda u0, p: odeint(lambda u, t, p: lv(t, u, p), u0, ts, p, rtol=RTOL, atol=ATOL))
+    cases.append(H.Case("jax odeint (Dopri5)", lambda: ode_solve(u0, p)))
 
-    rows.append(_prepare("jax odeint (Dopri5)", ode_solve, u0, p, ref))
+    torch = H.torch_threads()
+    if torch is not None:
+        import torchdiffeq
 
-    samples = {r["name"]: [] for r in rows}
-    for _ in range(ns.rounds):
-        for r in rows:
-            samples[r["name"]].append(_time(lambda: r["fn"](u0, p), ns.repeats))
-    for r in rows:
-        r["solve"] = float(np.median(samples[r["name"]]))
+        tp = torch.tensor(P_SOLVE, dtype=torch.float64)
+        tu0 = torch.tensor([1.0, 1.0], dtype=torch.float64)
+        tts = torch.linspace(0.0, 10.0, 101, dtype=torch.float64)
 
-    base = rows[0]
-    print(f"\nLotka-Volterra, rtol=atol={rtol}, 101 save points, {jnp.dtype(dtype).name}, jax {jax.__version__}")
-    print(f"{'library':24s} {'compile s':>10s} {'solve ms':>10s} {'steps':>6s} {'max err':>9s} {'time ratio':>11s} {'steps ratio':>11s}")
-    for r in rows:
-        steps = r["steps"] if r["steps"] >= 0 else float("nan")
-        print(f"{r['name']:24s} {r['compile']:10.3f} {1e3 * r['solve']:10.4f} {steps:6.0f} {r['err']:9.2e} "
-              f"{r['solve'] / base['solve']:11.2f} {steps / base['steps']:11.3f}")
+        def tf(t, u):
+            x, y = u[0], u[1]
+            return torch.stack([tp[0] * x - tp[1] * x * y, -tp[2] * y + tp[3] * x * y])
+
+        def torch_solve():
+            with torch.no_grad():
+                return torchdiffeq.odeint(tf, tu0, tts, rtol=RTOL, atol=ATOL, method="dopri5")
+
+        cases.append(H.Case("torchdiffeq dopri5 (1 thread)", torch_solve, kind="torch"))
+    cases.append(H.Case("scipy solve_ivp RK45", lambda: _scipy_solution(P_SOLVE, RTOL, ATOL, "RK45").y, kind="python"))
+    cases.append(H.Case("floor: nfev x vf in fori_loop", H.floor_forward(lv, u0, p, nfev)))
+
+    H.run_cases(cases, rounds=ns.rounds, budget_s=ns.budget)
+    for c in cases:
+        if c.name.startswith("floor"):
+            continue
+        out = c.output[0] if isinstance(c.output, tuple) else c.output
+        out = np.asarray(out.detach().numpy() if hasattr(out, "detach") else out)
+        out = out.T if out.shape == (2, 101) else out
+        c.extra["max_err"] = float(np.max(np.abs(out - ref)))
+    return H.report("W1", "Lotka-Volterra solve, Tsit5/Dopri5, rtol=atol=1e-6, 101 saves, float64", cases,
+                    floor="floor: nfev x vf in fori_loop", extra_cols=("max_err",),
+                    settings=dict(p=P_SOLVE, u0=(1, 1), t=(0, 10), n_save=101, rtol=RTOL, atol=ATOL),
+                    save=not ns.no_save)
 
 
-def _grad_table(ns, jax, jnp, nde, lv, u0, p, ts, rtol, atol):
-    """value_and_grad of sum(ys**2) w.r.t. p: neuralde's methods and diffrax's adjoints."""
-    def nde_loss(sensitivity):
+def w2(ns):
+    import jax
+    import jax.numpy as jnp
+
+    import diffrax
+    import neuralde as nde
+
+    p = jnp.array(P_GRAD)
+    u0 = jnp.array([1.0, 1.0])
+    ts = jnp.linspace(0.0, 10.0, 101)
+    g_fd = fd_gradient(P_GRAD)
+
+    def nde_loss(sens):
         def loss(p):
-            return jnp.sum(nde.solve(nde.ODETerm(lv), nde.Tsit5(), u0, ts, args=p, rtol=rtol, atol=atol,
-                                     sensitivity=sensitivity).ys ** 2)
+            sol = nde.solve(nde.ODETerm(lv), nde.Tsit5(), u0, ts, args=p, rtol=RTOL, atol=ATOL, sensitivity=sens)
+            return jnp.sum((sol.ys - 1.0) ** 2), sol.stats["num_fevals"]
         return loss
 
-    losses = {
-        "neuralde CheckpointAdjoint": nde_loss(nde.CheckpointAdjoint()),
-        "neuralde ReverseMode": nde_loss(nde.ReverseMode()),
-        "neuralde ForwardMode": nde_loss(nde.ForwardMode()),
-        "neuralde BacksolveAdjoint": nde_loss(nde.BacksolveAdjoint()),
-    }
-    try:
-        import diffrax
+    def dfx_loss(adjoint):
+        def loss(p):
+            sol = diffrax.diffeqsolve(
+                diffrax.ODETerm(lv), diffrax.Tsit5(), ts[0], ts[-1], None, u0, args=p,
+                saveat=diffrax.SaveAt(ts=ts), stepsize_controller=diffrax.PIDController(rtol=RTOL, atol=ATOL),
+                adjoint=adjoint, max_steps=4096)
+            return jnp.sum((sol.ys - 1.0) ** 2)
+        return loss
 
-        def dfx_loss(adjoint):
-            def loss(p):
-                sol = diffrax.diffeqsolve(
-                    diffrax.ODETerm(lv), diffrax.Tsit5(), ts[0], ts[-1], None, u0, args=p,
-                    saveat=diffrax.SaveAt(ts=ts), stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-                    adjoint=adjoint, max_steps=4096,
-                )
-                return jnp.sum(sol.ys ** 2)
-            return loss
+    from jax.experimental.ode import odeint
 
-        losses["diffrax RecursiveCheckpointAdjoint"] = dfx_loss(diffrax.RecursiveCheckpointAdjoint())
-        losses["diffrax DirectAdjoint"] = dfx_loss(diffrax.DirectAdjoint())
-        losses["diffrax BacksolveAdjoint"] = dfx_loss(diffrax.BacksolveAdjoint())
-    except ImportError:
-        print("diffrax not installed: pip install '.[bench]'")
+    def odeint_loss(p):
+        return jnp.sum((odeint(lambda u, t, p: lv(t, u, p), u0, ts, p, rtol=RTOL, atol=ATOL) - 1.0) ** 2)
 
-    rows = []
-    for name, loss in losses.items():
-        fn = jax.jit(jax.value_and_grad(loss))
-        t0 = time.perf_counter()
-        value, grad = fn(p)
-        _block(grad)
-        rows.append(dict(name=name, fn=fn, compile=time.perf_counter() - t0, grad=np.asarray(grad)))
-    samples = {r["name"]: [] for r in rows}
-    for _ in range(ns.rounds):
-        for r in rows:
-            samples[r["name"]].append(_time(lambda: r["fn"](p), max(ns.repeats // 10, 10)))
-    ref = rows[0]["grad"]
-    base = float(np.median(samples[rows[0]["name"]]))
-    print(f"\nvalue_and_grad w.r.t. p of sum(ys**2), Lotka-Volterra, rtol=atol={rtol}, 101 save points, "
-          f"jax {jax.__version__}")
-    print(f"{'method':36s} {'compile s':>10s} {'grad ms':>9s} {'ratio':>7s} {'rel. diff of grad':>18s}")
-    for r in rows:
-        t = float(np.median(samples[r["name"]]))
-        diff = float(np.max(np.abs(r["grad"] - ref)) / np.max(np.abs(ref)))
-        print(f"{r['name']:36s} {r['compile']:10.2f} {1e3 * t:9.3f} {t / base:7.2f} {diff:18.1e}")
+    cases = []
+
+    def add(name, fn, **kw):
+        cases.append(H.Case(name, lambda: fn(p), **kw))
+
+    for name, sens in [("CheckpointAdjoint", nde.CheckpointAdjoint()), ("ReverseMode", nde.ReverseMode()),
+                       ("ForwardMode", nde.ForwardMode()), ("BacksolveAdjoint", nde.BacksolveAdjoint())]:
+        add(f"neuralde {name}", jax.jit(jax.value_and_grad(nde_loss(sens), has_aux=True)))
+    # neuralde's count of evaluations (forward solve) sets the floor.
+    nfev = int(H.first_call(cases[0])[0][1])
+    for c in cases[:4]:
+        c.nfev = nfev
+    add("diffrax RecursiveCheckpointAdjoint",
+        jax.jit(jax.value_and_grad(dfx_loss(diffrax.RecursiveCheckpointAdjoint()))))
+    add("diffrax DirectAdjoint", jax.jit(jax.value_and_grad(dfx_loss(diffrax.DirectAdjoint()))))
+    add("diffrax BacksolveAdjoint", jax.jit(jax.value_and_grad(dfx_loss(diffrax.BacksolveAdjoint()))))
+    add("diffrax ForwardMode (jacfwd)", jax.jit(jax.jacfwd(dfx_loss(diffrax.ForwardMode()))))
+    add("jax odeint (adjoint)", jax.jit(jax.value_and_grad(odeint_loss)))
+
+    torch = H.torch_threads()
+    if torch is not None:
+        import torchdiffeq
+
+        tu0 = torch.tensor([1.0, 1.0], dtype=torch.float64)
+        tts = torch.linspace(0.0, 10.0, 101, dtype=torch.float64)
+
+        class LV(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.p = torch.nn.Parameter(torch.tensor(P_GRAD, dtype=torch.float64))
+
+            def forward(self, t, u):
+                p = self.p
+                x, y = u[0], u[1]
+                return torch.stack([p[0] * x - p[1] * x * y, -p[2] * y + p[3] * x * y])
+
+        model = LV()
+
+        def torch_grad(solver):
+            def run():
+                model.p.grad = None
+                ys = solver(model, tu0, tts, rtol=RTOL, atol=ATOL, method="dopri5")
+                loss = torch.sum((ys - 1.0) ** 2)
+                loss.backward()
+                return loss.detach(), model.p.grad.detach().clone()
+            return run
+
+        cases.append(H.Case("torchdiffeq backprop (1 thread)", torch_grad(torchdiffeq.odeint), kind="torch"))
+        cases.append(H.Case("torchdiffeq adjoint (1 thread)", torch_grad(torchdiffeq.odeint_adjoint), kind="torch"))
+
+    cases.append(H.Case("floor: nfev x vf, scan + grad",
+                        H.floor_grad(lv, u0, p, nfev, lambda y: jnp.sum((y - 1.0) ** 2))))
+    H.run_cases(cases, rounds=ns.rounds, budget_s=ns.budget)
+    for c in cases:
+        if c.name.startswith("floor"):
+            continue
+        out = c.output
+        g = out[1] if isinstance(out, tuple) else out
+        if c.name.startswith("neuralde ForwardMode"):
+            c.nfev = None  # one solve carries 4 tangents: not comparable
+        g = np.asarray(g.numpy() if hasattr(g, "numpy") else g, float)
+        c.extra["rel_err"] = float(np.linalg.norm(g - g_fd) / np.linalg.norm(g_fd))
+    return H.report("W2", "Lotka-Volterra gradient of sum((u(t_i)-1)^2) w.r.t. p, rtol=atol=1e-6, float64",
+                    cases, floor="floor: nfev x vf, scan + grad", extra_cols=("rel_err",),
+                    settings=dict(p=P_GRAD, u0=(1, 1), t=(0, 10), n_save=101, rtol=RTOL, atol=ATOL,
+                                  g_fd=g_fd.tolist()), save=not ns.no_save)
 
 
-def _prepare(name, fn, u0, p, ref):
-    t0 = time.perf_counter()
-    out = fn(u0, p)
-    _block(out)
-    compile_time = time.perf_counter() - t0
-    ys, steps = out
-    err = float(np.max(np.abs(np.asarray(ys) - ref)))
-    return dict(name=name, fn=fn, compile=compile_time, steps=int(steps), err=err)
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median over rounds)")
+    parser.add_argument("--budget", type=float, default=0.3, help="seconds per case per round")
+    parser.add_argument("--only", choices=["W1", "W2"], help="run one workload")
+    parser.add_argument("--no-save", action="store_true", help="do not append to benchmarks/results/")
+    ns = parser.parse_args(argv)
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    if ns.only in (None, "W1"):
+        w1(ns)
+    if ns.only in (None, "W2"):
+        w2(ns)
 
 
 if __name__ == "__main__":

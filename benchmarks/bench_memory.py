@@ -1,7 +1,10 @@
-"""Peak memory of ONE jitted `value_and_grad` of a neural ODE as the span grows
-10x, for every neuralde sensitivity and diffrax's adjoints in one run (issue #3).
+"""W7: peak memory of ONE jitted `value_and_grad` of a neural ODE as the span grows
+10x, for every neuralde sensitivity and diffrax's adjoints in one run (issues #3, #8).
 
     python benchmarks/bench_memory.py [--spans 10 30 100] [--steps-per-time 40] [--quick] [--rss] [--float32]
+                                      [--no-save]
+
+The tables are also appended to ``benchmarks/results/W7_<cpu|gpu>.json``.
 
 Problem: y of shape (64, 16) (a batch of 64 states of size 16), float64,
 ``dy/dt = R y - 0.01 y + 0.1 tanh(W2 tanh(W1 y + b1) + b2)`` with R a rotation
@@ -68,7 +71,12 @@ import math
 import re
 import time
 
+import os
+import sys
+
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 MB = 2.0**20
 
@@ -95,6 +103,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="table A only, no ForwardMode")
     parser.add_argument("--rss", action="store_true", help="also measure peak-RSS growth per execution (Linux)")
     parser.add_argument("--float32", action="store_true", help="solve in float32 instead of float64")
+    parser.add_argument("--no-save", action="store_true", help="do not append to benchmarks/results/W7_*.json")
     ns = parser.parse_args()
     t_start = time.perf_counter()
 
@@ -241,6 +250,16 @@ def main():
                   f"{row['temp_b'][-1] / ref['temp_b'][-1]:12.3f}")
         print("\n* ForwardMode: compiled only (memory), not run: one tangent per input scalar "
               f"({y0.size} + {sum(p.size for p in params)}) makes it minutes per gradient here.")
+    if not ns.no_save:
+        import _harness as H
+
+        H.save_result({
+            "workload": "W7", "title": "peak working memory (XLA temp_size_in_bytes, MB) of one jitted value_and_grad",
+            "settings": dict(batch=batch, dim=dim, width=width, spans=spans, rtol=rtol, atol=atol,
+                             max_steps_a=max_steps_a, budgets_b=budgets_b, dtype=jnp.dtype(dtype).name),
+            "rows": [{"case": r["name"], "temp_mb_a": r["temp_a"], "temp_mb_b": r.get("temp_b"),
+                      "steps": r["steps"], "grad_rel_diff": r.get("rel"), "compile_s": r["compile"]} for r in rows],
+        })
     print(f"growth = last span / first span; /ReverseMode = at T={_fmt(spans[-1])}. "
           f"Compiles: {sum(sum(r['compile']) for r in rows):.0f} s; total {time.perf_counter() - t_start:.0f} s.")
 

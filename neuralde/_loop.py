@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
+import equinox.internal as eqxi
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -221,7 +222,10 @@ def _make_block(inner, base, cond_fun):
     def block(carry):
         return lax.scan(lambda c, _: (inner(c), None), carry, None, length=base)[0]
 
-    return lambda carry: lax.cond(cond_fun(carry), block, lambda c: c, carry)
+    # Under `jax.vmap` a batched condition would turn this `cond` into a
+    # `select` that runs every block; the block runs while any lane is active
+    # instead (its iterations mask the finished lanes themselves).
+    return lambda carry: lax.cond(eqxi.unvmap_any(cond_fun(carry)), block, lambda c: c, carry)
 
 
 def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) -> "Program":

@@ -4,6 +4,7 @@ import math
 from typing import Optional
 
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -84,6 +85,9 @@ class CheckpointAdjoint(AbstractSensitivity):
             ckpts = jtu.tree_map(lambda x: jnp.zeros((n_ckpt,) + x.shape, x.dtype), prog.packed)
 
             def body(c):
+                # ``it`` counts the loop's iterations; it stays unbatched under
+                # `jax.vmap` (the loop runs while any lane is active, see
+                # `_masked_iteration`), so the checkpoint writes are in place.
                 packed, ys, dense, it, ckpts = c
                 slot = jnp.minimum(it // seg, n_ckpt - 1)
                 if seg == 1:  # every iteration is a checkpoint
@@ -93,14 +97,15 @@ class CheckpointAdjoint(AbstractSensitivity):
                         it % seg == 0, x, lax.dynamic_index_in_dim(b, slot, 0, keepdims=False))
                 ckpts = jtu.tree_map(lambda b, x: lax.dynamic_update_index_in_dim(b, keep(b, x), slot, 0), ckpts, packed)
                 step_index = prog.step_index(packed)
-                packed, save_at, save_val, step = prog.iteration(packed)
+                packed, save_at, save_val, step = _masked_iteration(prog, packed)
                 ys, dense = prog.apply_writes(ys, dense, step_index, save_at, save_val, step)
                 prog.report(packed)
                 return packed, ys, dense, it + 1, ckpts
 
             prog.start()
             packed, ys, dense, n_iter, ckpts = lax.while_loop(
-                lambda c: prog.cond(c[0]), body, (prog.packed, prog.ys, prog.dense, jnp.asarray(0, jnp.int32), ckpts)
+                lambda c: eqxi.unvmap_any(prog.cond(c[0])), body,
+                (prog.packed, prog.ys, prog.dense, jnp.asarray(0, jnp.int32), ckpts)
             )
             out = prog.finalize(packed, ys, dense)
             return out, (d, ckpts, n_iter)
@@ -117,7 +122,7 @@ class CheckpointAdjoint(AbstractSensitivity):
             max_steps = prog.max_iters - n_save
 
             def iterate(packed, d):
-                return program(d).iteration(packed)
+                return _masked_iteration(program(d), packed)
 
             def one_back(packed, ct_packed, ct_d):
                 step_index = prog.step_index(packed)
@@ -142,6 +147,13 @@ class CheckpointAdjoint(AbstractSensitivity):
                 ct_p, ct_dd = vjp_fn((ct_packed, zero_tangents(save_at), ct_save, ct_step))
                 return ct_p, jtu.tree_map(_add, ct_d, ct_dd)
 
+            def single(c):
+                # Every iteration was checkpointed: one VJP per loop iteration,
+                # no recomputation, no inner loop or guard.
+                k, ct_packed, ct_d = c
+                p = jtu.tree_map(lambda b: b[k], ckpts)
+                return (k - 1, *one_back(p, ct_packed, ct_d))
+
             def segment(c):
                 k, ct_packed, ct_d = c
                 first = k * seg
@@ -149,7 +161,7 @@ class CheckpointAdjoint(AbstractSensitivity):
                 start = jtu.tree_map(lambda b: b[k], ckpts)
 
                 def recompute(p, j):
-                    nxt = lax.cond(j < count, lambda q: prog.iteration(q)[0], lambda q: q, p)
+                    nxt = lax.cond(j < count, lambda q: _masked_iteration(prog, q)[0], lambda q: q, p)
                     return nxt, p
 
                 if seg == 1:
@@ -174,7 +186,8 @@ class CheckpointAdjoint(AbstractSensitivity):
             ct_packed0 = zero_tangents(prog.packed)
             ct_d0 = zero_tangents(d)
             _, ct_packed, ct_d = lax.while_loop(
-                lambda c: c[0] >= 0, segment, (jnp.minimum(n_seg, n_ckpt) - 1, ct_packed0, ct_d0)
+                lambda c: c[0] >= 0, single if seg == 1 else segment,
+                (jnp.minimum(n_seg, n_ckpt) - 1, ct_packed0, ct_d0),
             )
 
             # The initial carry, the first saved value (y0 itself) and the
@@ -192,6 +205,23 @@ class CheckpointAdjoint(AbstractSensitivity):
 
         solve.defvjp(fwd, bwd)
         return solve(dyn)
+
+
+def _masked_iteration(prog, packed):
+    """One iteration where the loop condition holds, else nothing.
+
+    The forward loop runs while *any* lane of a `jax.vmap` is active
+    (`equinox.internal.unvmap_any`, the device diffrax uses too) and finished
+    lanes are masked here. Under `vmap` a while loop with a batched condition
+    would otherwise select every carry element -- the checkpoint buffer
+    included, a copy of ``max_steps`` carries per iteration -- and index it
+    with a batched counter (a scatter). Outside `vmap` the condition always
+    holds where this runs and the mask is a select on the small carry."""
+    active = prog.cond(packed)
+    new, save_at, save_val, step = prog.iteration(packed)
+    new = jtu.tree_map(lambda a, b: jnp.where(active, a, b), new, packed)
+    save_at = jnp.where(active, save_at, prog.n_save)
+    return new, save_at, save_val, step._replace(accept=step.accept & active)
 
 
 def _add(a, b):
