@@ -277,7 +277,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     model, losses = train(model, u0, data, args.iters, lr=args.lr)
     seconds = time.perf_counter() - start
     print(
-        f"loss (sum of squared errors) {losses[0]:.3e} -> {losses[-1]:.3e}, "
+        f"loss (sum of squared errors) {losses[0]:.4e} -> {losses[-1]:.4e}, "
         f"{losses[0] / max(losses[-1], 1e-300):.0f}x smaller, after {args.iters} iterations ({seconds:.1f} s)"
     )
 
