@@ -10,7 +10,9 @@ whose vector field is a small MLP applied to ``u**3`` (DiffEqFlux's
 Adam on the sum of squared errors, differentiating straight through the Tsit5
 solver (`nde.ReverseMode`). A progress line shows the loss during training;
 at the end a PNG compares the data with the fitted trajectory, both against
-``t`` and in the phase plane, next to the loss history.
+``t`` and in the phase plane, next to the loss history, and a closing sentence
+says what was learned: how far the model's trajectory and vector field are from
+the true ones.
 
 Run it with::
 

@@ -137,7 +137,8 @@ def test_committed_notebook_is_built_and_executed(path, monkeypatch):
     spec = importlib.util.spec_from_file_location(f"_builder_{path.stem}", builder)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    # notebooks/_build.py's NotebookBuilder keeps (kind, source) pairs in `nb.cells`.
+    # notebooks/_build.py's NotebookBuilder keeps (kind, source) pairs in `nb.cells`; builders
+    # written before it in a module-level `CELLS` list (they import nbformat, a test dependency).
     cells = module.nb.cells if hasattr(module, "nb") else module.CELLS
     built = [source for kind, source in cells if kind == "code"]
     assert built == _code_cells(notebook), f"{path.name} is stale: re-run python notebooks/{builder.name}"
