@@ -209,7 +209,7 @@ def round_trip(y0, p, T, tol):
     return back.ys[-1], back.status
 
 
-T_values = [1.0, 2.0, 5.0, 10.0] if QUICK else [0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0]
+T_values = [1.0, 5.0] if QUICK else [0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0]
 print(f"{'T':>5s} {'|y0 recovered - y0|':>20s}  backward solve")
 for T in T_values:
     y0_back, status = round_trip(y0_lz, p_lz, T, 1e-8)
@@ -366,7 +366,7 @@ stiff_grads = {
     name: jax.jit(jax.grad(functools.partial(stiff_loss, sensitivity=s), argnums=(0, 1)))
     for name, s in [("CheckpointAdjoint", nde.CheckpointAdjoint()), ("BacksolveAdjoint", nde.BacksolveAdjoint())]
 }
-stiff_T = [0.01, 0.1, 1.0] if QUICK else [0.003, 0.01, 0.03, 0.1, 0.3, 1.0]
+stiff_T = [0.01, 1.0] if QUICK else [0.003, 0.01, 0.03, 0.1, 0.3, 1.0]
 stiff_rows = []
 print(f"{'T':>6s} {'|y0 recovered - y0|':>20s} {'CheckpointAdjoint err':>22s} {'BacksolveAdjoint err':>21s}")
 for T in stiff_T:
@@ -424,12 +424,9 @@ def compiled_temp_mib(sensitivity, max_steps):
 
 
 memory_steps = [1000] if QUICK else [1000, 8000]
-memory_methods = {
-    "ReverseMode()": nde.ReverseMode(),
-    "CheckpointAdjoint()": nde.CheckpointAdjoint(),
-}
-if not QUICK:
-    memory_methods["BacksolveAdjoint()"] = nde.BacksolveAdjoint()
+memory_methods = {"CheckpointAdjoint()": nde.CheckpointAdjoint()}
+if not QUICK:  # quick mode compiles only one
+    memory_methods = {"ReverseMode()": nde.ReverseMode(), **memory_methods, "BacksolveAdjoint()": nde.BacksolveAdjoint()}
 memory = {name: [compiled_temp_mib(s, n) for n in memory_steps] for name, s in memory_methods.items()}
 
 print(f"MLP parameters: {n_params(mem_field)}")

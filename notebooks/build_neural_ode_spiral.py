@@ -26,7 +26,7 @@ errors between the model's trajectory and the data; its gradient goes through th
 with the default `CheckpointAdjoint`.
 
 The data, the model and the training loop are those of `python -m neuralde.demo`
-(`neuralde/demo.py`), imported here. `NEURALDE_NOTEBOOK_QUICK=1` trains for 60 iterations instead
+(`neuralde/demo.py`), imported here. `NEURALDE_NOTEBOOK_QUICK=1` trains for 40 iterations instead
 of 800.
 """)
 
@@ -82,7 +82,7 @@ Adam with a cosine-decayed learning rate (peak 0.05), `demo.train`: each step is
 """)
 
 code(r"""
-iters = 60 if QUICK else 800
+iters = 40 if QUICK else 800
 t0 = time.perf_counter()
 trained, losses = demo.train(model, u0, data, iters, progress=False)
 train_seconds = time.perf_counter() - t0

@@ -100,7 +100,7 @@ def fit(model, iters, lr=1e-2):
     return model, history
 
 
-iters = 200 if QUICK else 1000
+iters = 150 if QUICK else 1000
 histories, seconds = {}, {}
 for name, model in [("ResNet", resnet), ("ODE-Net", odenet)]:
     t0 = time.perf_counter()
@@ -190,7 +190,7 @@ for tol in tolerances:
     tol_array = jnp.asarray(tol)
     out, nfev = jax.block_until_ready(predict(field, test_x, tol_array))
     best = float("inf")
-    for _ in range(5 if QUICK else 30):
+    for _ in range(3 if QUICK else 30):
         t0 = time.perf_counter()
         jax.block_until_ready(predict(field, test_x, tol_array))
         best = min(best, time.perf_counter() - t0)

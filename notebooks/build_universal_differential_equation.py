@@ -86,7 +86,7 @@ def loss(params):
     return jnp.mean((eqx.combine(params, static)(u0) - data) ** 2)
 
 
-adam_iters, lbfgs_iters = (200, 100) if QUICK else (500, 600)
+adam_iters, lbfgs_iters = (150, 80) if QUICK else (500, 600)
 adam = optax.adam(1e-2)
 lbfgs = optax.lbfgs()
 value_and_grad_lbfgs = optax.value_and_grad_from_state(loss)  # reuses the line search's last evaluation
