@@ -1,10 +1,10 @@
 """neuralde: neural differential equations in JAX."""
 from ._solution import Solution, Status
 from ._solve import solve
-from ._terms import AbstractTerm, ODETerm
+from ._terms import AbstractTerm, DDETerm, ODETerm
 from .nn import NeuralODE
 from .sensitivity import AbstractSensitivity, BacksolveAdjoint, CheckpointAdjoint, ForwardMode, ReverseMode
-from .solvers import RK4, AbstractSolver, Dopri5, Euler, Heun, Tsit5
+from .solvers import RK4, AbstractSolver, Dopri5, Euler, Heun, MethodOfSteps, Tsit5
 
 __version__ = "0.1.0"
 
@@ -26,4 +26,6 @@ __all__ = [
     "BacksolveAdjoint",
     "ForwardMode",
     "NeuralODE",
+    "DDETerm",
+    "MethodOfSteps",
 ]

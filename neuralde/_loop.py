@@ -47,10 +47,14 @@ class Problem:
     ``s = direction * t``. Later families extend it (Brownian increments for
     SDEs, the dense history for delay equations)."""
 
-    def __init__(self, term, args, direction):
+    def __init__(self, term, args, direction, rtol=None, atol=None):
         self.term = term
         self.args = args
         self.direction = direction
+        # The tolerances, for solvers that iterate inside a step (the delay
+        # solver's fixed-point iteration).
+        self.rtol = rtol
+        self.atol = atol
 
     def vf(self, s, y):
         d = self.direction
@@ -204,7 +208,9 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
     s_start, s_end = s_save[0], s_save[-1]
     span = s_end - s_start
     valid_times = jnp.all(s_save[1:] > s_save[:-1])
-    problem = Problem(term, args, direction)
+    problem = Problem(term, args, direction, rtol, atol)
+    # Times the steps must land on (None for ODE solvers: no code is traced).
+    breakpoints = solver.breakpoints(problem, s_start)
 
     solver_state = solver.init(problem, s_start, y0)
     num_fevals = solver.init_fevals
@@ -265,6 +271,9 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
     def attempt_step(core: _Core):
         t0 = core.t
         t1 = jnp.where(t0 + core.dt * (1 + land_slack) >= s_end, s_end, t0 + core.dt)
+        if breakpoints is not None:
+            nxt = jnp.min(jnp.where(breakpoints > t0, breakpoints, jnp.inf))
+            t1 = jnp.where(t0 + core.dt * (1 + land_slack) >= nxt, jnp.minimum(nxt, t1), t1)
         h = t1 - t0
         y1, y_err, coeffs, new_state, info = solver.step(problem, t0, h, core.y, core.solver_state)
         if not isinstance(info, StepInfo):
@@ -317,6 +326,9 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
             status=status,
             extra=tuple(c + jnp.asarray(d, jnp.int32) for c, d in zip(core.extra, info.stats)),
         )
+        if info.status is not None:
+            new_core = new_core._replace(
+                status=jnp.where(accept & (info.status != 0), info.status, new_core.status).astype(jnp.int32))
         return new_core, _Step(accept, t0, t1, core.y, y1, coeffs)
 
     # Explicit methods make a fixed number of evaluations per step: count them

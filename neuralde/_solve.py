@@ -70,6 +70,8 @@ def solve(
     _check_types(term, solver, sensitivity)
     t = _as_times(t)
     y0 = _as_state(y0)
+    if type(term).__name__ == "DDETerm":
+        _check_delay(term, t, y0, args, sensitivity)
     _check_values(rtol, atol, dt0, max_steps)
     adaptive = bool(adaptive) and solver.adaptive
     if adaptive:
@@ -137,6 +139,16 @@ def _check_types(term, solver, sensitivity):
         hint = " Instantiate it: e.g. Tsit5() rather than Tsit5." if isinstance(solver, type) else ""
         raise TypeError(f"`solver` must be a neuralde solver such as Tsit5(); got {solver!r}.{hint}")
     kind = type(term).__name__
+    if kind == "DDETerm" and "DDETerm" not in solver.term_kinds:
+        raise TypeError(
+            f"`solver` must be MethodOfSteps(...) for a DDETerm; got {type(solver).__name__}(). "
+            f"Wrap the ODE solver: MethodOfSteps({type(solver).__name__}())."
+        )
+    if "DDETerm" in solver.term_kinds and kind != "DDETerm":
+        raise TypeError(
+            f"`solver` MethodOfSteps(...) solves delay equations (DDETerm); got a {kind}. "
+            "Pass the wrapped solver itself, e.g. Tsit5(), for an ODETerm."
+        )
     if kind not in solver.term_kinds and not any(k in solver.term_kinds for k in _base_names(term)):
         raise TypeError(
             f"{type(solver).__name__}() cannot solve a {kind}: it accepts {', '.join(solver.term_kinds)}."
@@ -265,3 +277,26 @@ def _check_vector_field(term, t0, y0, args):
                 f"dy/dt must have the dtype of y. Cast the output (e.g. .astype(y.dtype)) or create y0 "
                 f"with dtype {got.dtype}."
             )
+
+
+def _check_delay(term, t, y0, args, sensitivity):
+    if type(sensitivity).__name__ == "BacksolveAdjoint":
+        raise NotImplementedError(
+            "`sensitivity` BacksolveAdjoint() does not support delay equations (the adjoint of a DDE "
+            "is itself a DDE, advanced in the opposite direction). Use CheckpointAdjoint() (the "
+            "default), ReverseMode() or ForwardMode()."
+        )
+    if _concrete(t) and bool(np.asarray(t[-1] < t[0])):
+        raise ValueError(
+            "`t` must be increasing for a DDETerm: delay equations are solved forward in time from "
+            f"their history; got t from {float(t[0])} to {float(t[-1])}."
+        )
+    args_dyn, args_static = eqx.partition(args, eqx.is_array)
+    out = jax.eval_shape(lambda s, a: term.history(s, eqx.combine(a, args_static)), t[0], args_dyn)
+    if jtu.tree_structure(out) != jtu.tree_structure(y0) or any(
+        tuple(a.shape) != tuple(b.shape) for a, b in zip(jtu.tree_leaves(out), jtu.tree_leaves(y0))
+    ):
+        raise ValueError(
+            "DDETerm `history(s, args)` must return the structure and shapes of `y0`; "
+            f"y0 is {_describe(y0)} but history returned {_describe(out)}."
+        )

@@ -51,9 +51,31 @@ def closure_convert_term(term, t0, y0, args):
     explicit inputs, so that a custom derivative rule differentiates them
     instead of silently treating them as constants."""
     args_dyn, args_static = eqx.partition(args, eqx.is_array)
+    if hasattr(term, "history"):
+        return _check_delay_closure(term, t0, y0, args_dyn, args_static)
 
     def field(t, y, a):
         return term.vf(t, y, eqx.combine(a, args_static))
 
     fn, consts = jax.closure_convert(field, t0, y0, args_dyn)
     return _ConvertedTerm(fn=fn, consts=tuple(consts))
+
+
+def _check_delay_closure(term, t0, y0, args_dyn, args_static):
+    """A `DDETerm`'s functions receive ``h``, a function, which closure
+    conversion cannot take as an input: the term is kept as it is, its arrays
+    being pytree leaves. Arrays it closes over that are traced by an outer
+    transformation would be missed by a custom derivative rule: refuse them."""
+
+    def field(t, y, a):
+        a = eqx.combine(a, args_static)
+        return term.vector_field(t, y, lambda s: term.history(s, a), a)
+
+    _, consts = jax.closure_convert(field, t0, y0, args_dyn)
+    if any(isinstance(c, jax.core.Tracer) for c in consts):
+        raise ValueError(
+            "The DDETerm's vector field or history closes over an array that is being differentiated "
+            "or batched (a traced value that is not an argument). Pass it through `args`, or hold it in "
+            "an eqx.Module vector field, so that its gradient is not lost."
+        )
+    return term
