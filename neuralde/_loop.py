@@ -131,8 +131,10 @@ def _interpolate(s, t0, t1, y0, y1, coeffs):
     theta = (s - t0) / (t1 - t0)
     val = evaluate_polynomial(y0, coeffs, theta)
     # The end of a step is the step's own solution, not its interpolant's
-    # rounding of it.
-    return _tree_where(s == t1, y1, val)
+    # rounding of it; its derivative is the polynomial's, which accounts for a
+    # step end that moves with the inputs (a delay's breakpoint).
+    end = jtu.tree_map(lambda y, v: lax.stop_gradient(y) + (v - lax.stop_gradient(v)), y1, val)
+    return _tree_where(s == t1, end, val)
 
 
 def _write(buffers, idx, values, valid=True):

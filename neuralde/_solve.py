@@ -286,11 +286,13 @@ def _check_delay(term, t, y0, args, sensitivity):
             "is itself a DDE, advanced in the opposite direction). Use CheckpointAdjoint() (the "
             "default), ReverseMode() or ForwardMode()."
         )
-    if _concrete(t) and bool(np.asarray(t[-1] < t[0])):
-        raise ValueError(
-            "`t` must be increasing for a DDETerm: delay equations are solved forward in time from "
-            f"their history; got t from {float(t[0])} to {float(t[-1])}."
-        )
+    if _concrete(t):
+        t_np = np.asarray(t)
+        if t_np[-1] < t_np[0]:
+            raise ValueError(
+                "`t` must be increasing for a DDETerm: delay equations are solved forward in time from "
+                f"their history; got t from {float(t_np[0])} to {float(t_np[-1])}."
+            )
     args_dyn, args_static = eqx.partition(args, eqx.is_array)
     out = jax.eval_shape(lambda s, a: term.history(s, eqx.combine(a, args_static)), t[0], args_dyn)
     if jtu.tree_structure(out) != jtu.tree_structure(y0) or any(
