@@ -2,7 +2,7 @@
 from ._solution import Solution, Status
 from ._solve import solve
 from ._terms import AbstractTerm, DDETerm, ODETerm
-from .nn import NeuralODE
+from .nn import NeuralDDE, NeuralODE
 from .sensitivity import AbstractSensitivity, BacksolveAdjoint, CheckpointAdjoint, ForwardMode, ReverseMode
 from .solvers import RK4, AbstractSolver, Dopri5, Euler, Heun, MethodOfSteps, Tsit5
 
@@ -28,4 +28,5 @@ __all__ = [
     "NeuralODE",
     "DDETerm",
     "MethodOfSteps",
+    "NeuralDDE",
 ]

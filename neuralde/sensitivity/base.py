@@ -67,11 +67,15 @@ def _check_delay_closure(term, t0, y0, args_dyn, args_static):
     being pytree leaves. Arrays it closes over that are traced by an outer
     transformation would be missed by a custom derivative rule: refuse them."""
 
-    def field(t, y, a):
-        a = eqx.combine(a, args_static)
-        return term.vector_field(t, y, lambda s: term.history(s, a), a)
+    term_dyn, term_static = eqx.partition(term, eqx.is_array)
 
-    _, consts = jax.closure_convert(field, t0, y0, args_dyn)
+    def field(t, y, a, td):
+        a = eqx.combine(a, args_static)
+        tm = eqx.combine(td, term_static)
+        return tm.vector_field(t, y, lambda s: tm.history(s, a), a)
+
+    # Only what is neither an argument nor a leaf of the term is a constant.
+    _, consts = jax.closure_convert(field, t0, y0, args_dyn, term_dyn)
     if any(isinstance(c, jax.core.Tracer) for c in consts):
         raise ValueError(
             "The DDETerm's vector field or history closes over an array that is being differentiated "
