@@ -244,6 +244,15 @@ def test_errors():
     with pytest.raises(ValueError, match="history"):
         nde.solve(term, nde.MethodOfSteps(nde.Tsit5()), jnp.ones(2), TS5)
 
+    # A traced array closed over by the field would escape the custom
+    # derivative rule: refused, with the fix in the message.
+    def closes_over(c):
+        closed = nde.DDETerm(lambda t, y, h, a: -c * h(t - 1.0), ONE, (1.0,))
+        return nde.solve(closed, nde.MethodOfSteps(nde.Tsit5()), jnp.array(1.0), TS5).ys[-1]
+
+    with pytest.raises(ValueError, match="args"):
+        jax.grad(closes_over)(1.0)
+
 
 def test_history_overflow_is_reported():
     # 2 kept steps cannot span a lag of 1 with steps of 0.1.
@@ -330,7 +339,8 @@ def test_neural_dde_vmap_and_grad():
     mlp = eqx.nn.MLP(4, 2, 8, 1, activation=jnp.tanh, key=jr.PRNGKey(0))
     field = DelayedMLP(mlp, (jnp.asarray(0.4),))
     model = nde.NeuralDDE(field, lambda s, a: jnp.array([1.0, -0.5]), None, jnp.linspace(0.0, 2.0, 5),
-                          rtol=1e-8, atol=1e-8)
+                          solver=nde.MethodOfSteps(nde.Tsit5(), max_history=32), rtol=1e-8, atol=1e-8,
+                          max_steps=256)
     y0s = jnp.array([[1.0, -0.5], [0.7, 0.2], [-0.3, 0.9]])
 
     def loss(m):
