@@ -75,6 +75,12 @@ class DDETerm(AbstractTerm):
     onto those points, and how much past it must keep. A lag given as an array
     (e.g. a trained parameter also read by the vector field through ``args``)
     is differentiable. Solve with ``MethodOfSteps(solver)``.
+
+    ``h(t0)`` is ``history(t0)``. When ``y0`` differs from it, the solution's
+    derivative jumps at ``t0 + lag``, and the first stage of the step that
+    starts there reads ``history(t0)`` rather than ``y0`` (the value from the
+    left); adaptive steps absorb this by shortening, fixed steps lose
+    accuracy: prefer a history that meets ``y0``.
     """
 
     vector_field: Callable[[Any, Any, Any, Any], Any]
