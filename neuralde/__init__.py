@@ -1,12 +1,12 @@
 """neuralde: neural differential equations in JAX."""
 from ._solution import Solution, Status
 from ._solve import solve
-from ._terms import AbstractTerm, ODETerm, SDETerm
+from ._terms import AbstractTerm, DDETerm, ODETerm, SDETerm
 from . import ensemble
-from .nn import NeuralODE, NeuralSDE
+from .nn import NeuralDDE, NeuralODE, NeuralSDE
 from .sensitivity import AbstractSensitivity, BacksolveAdjoint, CheckpointAdjoint, ForwardMode, ReverseMode
 from .solvers import (RK4, SOSRI, SRA1, SRIW1, AbstractSolver, Dopri5, Euler, EulerMaruyama, Heun, Kvaerno3,
-                      Kvaerno4, Kvaerno5, Tsit5)
+                      Kvaerno4, Kvaerno5, MethodOfSteps, Tsit5)
 
 __version__ = "0.1.0"
 
@@ -30,6 +30,9 @@ __all__ = [
     "SRIW1",
     "SOSRI",
     "SRA1",
+    "DDETerm",
+    "MethodOfSteps",
+    "NeuralDDE",
     "AbstractSensitivity",
     "ReverseMode",
     "CheckpointAdjoint",

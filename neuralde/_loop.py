@@ -163,8 +163,10 @@ def _interpolate(s, t0, t1, y0, y1, coeffs):
     theta = (s - t0) / (t1 - t0)
     val = evaluate_polynomial(y0, coeffs, theta)
     # The end of a step is the step's own solution, not its interpolant's
-    # rounding of it.
-    return _tree_where(s == t1, y1, val)
+    # rounding of it; its derivative is the polynomial's, which accounts for a
+    # step end that moves with the inputs (a delay's breakpoint).
+    end = jtu.tree_map(lambda y, v: lax.stop_gradient(y) + (v - lax.stop_gradient(v)), y1, val)
+    return _tree_where(s == t1, end, val)
 
 
 def _write(buffers, idx, values, valid=True):
@@ -244,6 +246,8 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
     span = s_end - s_start
     valid_times = jnp.all(s_save[1:] > s_save[:-1])
     problem = Problem(term, args, direction, rtol, atol, span=(s_start, s_end))
+    # Times the steps must land on (None for ODE solvers: no code is traced).
+    breakpoints = solver.breakpoints(problem, s_start)
 
     solver_state = solver.init(problem, s_start, y0)
     num_fevals = solver.init_fevals
@@ -309,6 +313,9 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
             # SDE solvers end their steps on the save times (see `_SDESolver`).
             nxt = s_save[jnp.minimum(jnp.searchsorted(s_save, t0, side="right"), n_save - 1)]
             t1 = jnp.where(t0 + core.dt * (1 + land_slack) >= nxt, nxt, t1)
+        if breakpoints is not None:
+            nxt = jnp.min(jnp.where(breakpoints > t0, breakpoints, jnp.inf))
+            t1 = jnp.where(t0 + core.dt * (1 + land_slack) >= nxt, jnp.minimum(nxt, t1), t1)
         h = t1 - t0
         y1, y_err, coeffs, new_state, info = solver.step(problem, t0, h, core.y, core.solver_state)
         if not isinstance(info, StepInfo):
@@ -364,6 +371,9 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
             status=status,
             extra=tuple(c + jnp.asarray(d, jnp.int32) for c, d in zip(core.extra, info.stats)),
         )
+        if info.status is not None:
+            new_core = new_core._replace(
+                status=jnp.where(accept & (info.status != 0), info.status, new_core.status).astype(jnp.int32))
         return new_core, _Step(accept, t0, t1, core.y, y1, coeffs)
 
     # Explicit methods make a fixed number of evaluations per step: count them

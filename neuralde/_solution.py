@@ -22,6 +22,7 @@ class Status(enum.IntEnum):
     STEP_SIZE_TOO_SMALL = 2
     NONFINITE_STATE = 3
     INVALID_TIMES = 4
+    HISTORY_OVERFLOW = 5
 
     @property
     def message(self) -> str:
@@ -54,6 +55,11 @@ _MESSAGES = {
     Status.INVALID_TIMES: (
         "`t` must be strictly increasing or strictly decreasing (no repeated or out-of-order "
         "times); sort it and remove duplicates."
+    ),
+    Status.HISTORY_OVERFLOW: (
+        "The delay solver's history buffer is full: more steps than `max_history` fall within "
+        "the largest lag, so the past the vector field reads would be lost. Pass a larger "
+        "MethodOfSteps(solver, max_history=...), or loosen `rtol`/`atol`."
     ),
 }
 

@@ -74,6 +74,8 @@ def solve(
     if isinstance(term, SDETerm):
         term = _attach_key(term, solver, sensitivity, key, t)
     y0 = _as_state(y0)
+    if type(term).__name__ == "DDETerm":
+        _check_delay(term, t, y0, args, sensitivity)
     _check_values(rtol, atol, dt0, max_steps)
     adaptive = bool(adaptive) and solver.adaptive
     if adaptive:
@@ -144,6 +146,16 @@ def _check_types(term, solver, sensitivity):
         hint = " Instantiate it: e.g. Tsit5() rather than Tsit5." if isinstance(solver, type) else ""
         raise TypeError(f"`solver` must be a neuralde solver such as Tsit5(); got {solver!r}.{hint}")
     kind = type(term).__name__
+    if kind == "DDETerm" and "DDETerm" not in solver.term_kinds:
+        raise TypeError(
+            f"`solver` must be MethodOfSteps(...) for a DDETerm; got {type(solver).__name__}(). "
+            f"Wrap the ODE solver: MethodOfSteps({type(solver).__name__}())."
+        )
+    if "DDETerm" in solver.term_kinds and kind != "DDETerm":
+        raise TypeError(
+            f"`solver` MethodOfSteps(...) solves delay equations (DDETerm); got a {kind}. "
+            "Pass the wrapped solver itself, e.g. Tsit5(), for an ODETerm."
+        )
     if kind not in solver.term_kinds and not any(k in solver.term_kinds for k in _base_names(term)):
         raise TypeError(
             f"{type(solver).__name__}() cannot solve a {kind}: it accepts {', '.join(solver.term_kinds)}."
@@ -330,4 +342,29 @@ def _check_diffusion(term, t0, y0, args):
         raise ValueError(
             f"With noise={term.noise!r} the diffusion must return the structure and shapes of `y0` "
             f"({_describe(y0)}); got {_describe(out)}. For a (y.size, m) matrix use noise='general', noise_dim=m."
+        )
+
+
+def _check_delay(term, t, y0, args, sensitivity):
+    if type(sensitivity).__name__ == "BacksolveAdjoint":
+        raise NotImplementedError(
+            "`sensitivity` BacksolveAdjoint() does not support delay equations (the adjoint of a DDE "
+            "is itself a DDE, advanced in the opposite direction). Use CheckpointAdjoint() (the "
+            "default), ReverseMode() or ForwardMode()."
+        )
+    if _concrete(t):
+        t_np = np.asarray(t)
+        if t_np[-1] < t_np[0]:
+            raise ValueError(
+                "`t` must be increasing for a DDETerm: delay equations are solved forward in time from "
+                f"their history; got t from {float(t_np[0])} to {float(t_np[-1])}."
+            )
+    args_dyn, args_static = eqx.partition(args, eqx.is_array)
+    out = jax.eval_shape(lambda s, a: term.history(s, eqx.combine(a, args_static)), t[0], args_dyn)
+    if jtu.tree_structure(out) != jtu.tree_structure(y0) or any(
+        tuple(a.shape) != tuple(b.shape) for a, b in zip(jtu.tree_leaves(out), jtu.tree_leaves(y0))
+    ):
+        raise ValueError(
+            "DDETerm `history(s, args)` must return the structure and shapes of `y0`; "
+            f"y0 is {_describe(y0)} but history returned {_describe(out)}."
         )

@@ -55,6 +55,8 @@ def closure_convert_term(term, t0, y0, args):
     if isinstance(term, SDETerm):
         return _closure_convert_sde(term, t0, y0, args)
     args_dyn, args_static = eqx.partition(args, eqx.is_array)
+    if hasattr(term, "history"):
+        return _check_delay_closure(term, t0, y0, args_dyn, args_static)
 
     def field(t, y, a):
         return term.vf(t, y, eqx.combine(a, args_static))
@@ -84,3 +86,27 @@ def _closure_convert_sde(term, t0, y0, args):
 
     return SDETerm(convert(term.drift), convert(term.diffusion), term.noise, term.noise_dim,
                    brownian_levels=term.brownian_levels, seed=term.seed)
+
+
+def _check_delay_closure(term, t0, y0, args_dyn, args_static):
+    """A `DDETerm`'s functions receive ``h``, a function, which closure
+    conversion cannot take as an input: the term is kept as it is, its arrays
+    being pytree leaves. Arrays it closes over that are traced by an outer
+    transformation would be missed by a custom derivative rule: refuse them."""
+
+    term_dyn, term_static = eqx.partition(term, eqx.is_array)
+
+    def field(t, y, a, td):
+        a = eqx.combine(a, args_static)
+        tm = eqx.combine(td, term_static)
+        return tm.vector_field(t, y, lambda s: tm.history(s, a), a)
+
+    # Only what is neither an argument nor a leaf of the term is a constant.
+    _, consts = jax.closure_convert(field, t0, y0, args_dyn, term_dyn)
+    if any(isinstance(c, jax.core.Tracer) for c in consts):
+        raise ValueError(
+            "The DDETerm's vector field or history closes over an array that is being differentiated "
+            "or batched (a traced value that is not an argument). Pass it through `args`, or hold it in "
+            "an eqx.Module vector field, so that its gradient is not lost."
+        )
+    return term

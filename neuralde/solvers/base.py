@@ -40,6 +40,9 @@ class StepInfo(NamedTuple):
     #: Solver state to carry when the step is rejected (``None``: keep the old
     #: one), e.g. a Jacobian that was refreshed during the failed attempt.
     reject_state: Any = None
+    #: A `Status` code (int32) that ends the solve after an accepted attempt
+    #: (``0``/``None``: carry on), e.g. a delay solver's history buffer is full.
+    status: Any = None
 
 
 class AbstractSolver(eqx.Module):
@@ -62,6 +65,11 @@ class AbstractSolver(eqx.Module):
 
     def step(self, problem, t0, dt, y0, state):
         raise NotImplementedError
+
+    def breakpoints(self, problem, t0):
+        """Sorted times after ``t0`` that steps must land on rather than step
+        over (a delay equation's propagated discontinuities), or ``None``."""
+        return None
 
     @property
     def init_fevals(self) -> int:

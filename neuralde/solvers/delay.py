@@ -1,0 +1,313 @@
+"""Delay differential equations with constant lags: the method of steps.
+
+`MethodOfSteps(solver)` wraps any one-step solver whose step evaluates the
+vector field through ``problem.vf(t, y)``. The wrapper hands the solver a
+`_DelayProblem` whose ``vf`` calls the user's ``f(t, y, h, args)`` with ``h``
+bound to the solution's past:
+
+* ``s <= t0``: the user's ``history(s, args)``;
+* ``t0 < s <= t_n`` (the start of the current step): the dense-output
+  polynomials of the accepted steps, kept in a buffer of the last
+  ``max_history`` steps in the solver state (oldest first, unused slots
+  at the most negative float); a step is found by counting the step ends below ``s`` (a
+  vectorised binary search);
+* ``s > t_n`` (only when the step is longer than the smallest lag): the
+  current step's own interpolant, found by fixed-point iteration -- the step
+  is first taken with the previous step's polynomial extrapolated, then
+  retaken with its own interpolant until two successive solutions agree to a
+  fraction of the tolerance; a step that does not converge is rejected and
+  retried shorter (Bellen & Zennaro, "Numerical Methods for Delay
+  Differential Equations", OUP 2003, ch. 7; the same scheme as
+  DelayDiffEq.jl, Widmann & Rackauckas 2022).
+
+Discontinuities: a derivative jump at ``t0`` (the history's slope rarely
+matches ``f`` there) reappears, one derivative higher each time, at ``t0``
+plus every sum of lags. `MethodOfSteps.breakpoints` lists them up to sums of
+``order + 1`` lags and the integration loop lands on them instead of stepping
+over them (Bellen & Zennaro, ch. 4), which keeps the solver's order.
+
+Only the last ``max_history`` accepted steps are kept: when a step that may
+still be read (it ends after ``t - max(lags)``) would be dropped, the solve
+stops with `Status.HISTORY_OVERFLOW` rather than read anything stale.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+
+from .._controller import scaled_error
+from .._interpolation import evaluate_polynomial
+from .._solution import Status
+from .base import AbstractSolver, StepInfo
+
+
+class _Buffer(tuple):
+    """(t_start, bt0, bt1, y0s, coeffs) -- a plain tuple so it is a pytree."""
+
+
+def _UNUSED(dtype):
+    # Start and end of an unused slot: below every time, and finite (the loop
+    # checks that its carry is finite).
+    return -jnp.finfo(dtype).max
+
+
+def _tree_where(pred, a, b):
+    return jtu.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+def _lags(term):
+    return [jnp.asarray(lag) for lag in term.lags]
+
+
+class _DelayProblem:
+    """What the wrapped solver sees: ``vf(s, y)`` calls ``f(s, y, h, args)``
+    with ``h`` the solution's past (see the module docstring). ``current`` is
+    ``(t_n, dt, y_n, coeffs)``, the polynomial used for times inside the step
+    being taken."""
+
+    def __init__(self, problem, history, current):
+        self.problem = problem
+        self.term = problem.term
+        self.args = problem.args
+        self.direction = problem.direction
+        self.history_buffer = history
+        self.current = current
+
+    def __getattr__(self, name):  # rtol, atol and whatever later loops add
+        return getattr(self.problem, name)
+
+    def h(self, s):
+        t_start, bt0, bt1, y0s, coeffs = self.history_buffer
+        t_n, dt, y_n, c_n = self.current
+        s = jnp.asarray(s, bt1.dtype)
+        # Past the start: the user's history (evaluated at min(s, t0) so that
+        # an unused branch never sees a time it was not written for).
+        v_hist = self.term.history(jnp.minimum(s, t_start), self.args)
+        v_hist = jtu.tree_map(lambda v, y: jnp.asarray(v, y.dtype), v_hist, y_n)
+        # Accepted steps: the first step whose end is >= s.
+        width = bt1.shape[0]
+        idx = jnp.minimum(jnp.sum(bt1 < s), width - 1)
+        a, b = bt0[idx], bt1[idx]
+        found = (a <= s) & (s <= b) & (a < b)
+        a_safe = jnp.where(found, a, s - 1)
+        b_safe = jnp.where(found, b, s)
+        val = evaluate_polynomial(
+            jtu.tree_map(lambda x: x[idx], y0s), jtu.tree_map(lambda x: x[idx], coeffs), (s - a_safe) / (b_safe - a_safe)
+        )
+        # A time before every kept step (a vector field that reads further back
+        # than its largest lag) gives NaN, never a stale value.
+        v_buf = jtu.tree_map(lambda v: jnp.where(found, v, jnp.nan), val)
+        # Inside the current step: its own (or the predicted) polynomial.
+        v_cur = evaluate_polynomial(y_n, c_n, (s - t_n) / dt)
+        in_hist = s <= t_start
+        in_buf = s <= t_n
+        return jtu.tree_map(
+            lambda x, y, z: jnp.where(in_hist, x, jnp.where(in_buf, y, z)), v_hist, v_buf, v_cur
+        )
+
+    def vf(self, s, y):
+        # Delay problems integrate forward in time (checked by `solve`).
+        return self.term.vector_field(s, y, self.h, self.args)
+
+
+class MethodOfSteps(AbstractSolver):
+    """Solve a `DDETerm` with constant lags using ``solver`` for the steps.
+
+    Args:
+        solver: any solver of this library whose steps evaluate the vector
+            field through ``problem.vf`` (the explicit Runge--Kutta methods,
+            and implicit ones that follow the same protocol); the order,
+            adaptivity and dense output are its own.
+        max_history: number of past steps kept for ``h(s)`` (the buffer is in
+            the loop carry, so reverse-mode memory grows with it). It must
+            cover the steps taken in any window of length ``max(lags)``;
+            otherwise the solve stops with `Status.HISTORY_OVERFLOW`.
+        max_fixed_point_iters: corrections per step when the step is longer
+            than the smallest lag (see the module docstring).
+        fixed_point_tol: convergence threshold of those corrections, as a
+            fraction of the tolerance (the scaled change of the step's
+            solution between two iterations).
+
+    Reference: Bellen & Zennaro (2003), "Numerical Methods for Delay
+    Differential Equations", Oxford University Press, chapters 3, 4 and 7.
+    """
+
+    solver: AbstractSolver
+    max_history: int = 128
+    max_fixed_point_iters: int = 10
+    fixed_point_tol: float = 0.01
+
+    term_kinds = ("DDETerm",)
+
+    def __check_init__(self):
+        if not isinstance(self.solver, AbstractSolver) or isinstance(self.solver, MethodOfSteps):
+            raise TypeError(
+                "MethodOfSteps(solver): `solver` must be an ODE solver instance such as Tsit5(); "
+                f"got {self.solver!r}."
+            )
+        for name in ("max_history", "max_fixed_point_iters"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"MethodOfSteps({name}=...): expected a positive integer; got {value!r}.")
+        if not (isinstance(self.fixed_point_tol, (int, float)) and self.fixed_point_tol > 0):
+            raise ValueError(f"MethodOfSteps(fixed_point_tol=...): expected a positive number; got "
+                             f"{self.fixed_point_tol!r}.")
+
+    # The method is the wrapped solver's.
+    @property
+    def order(self):
+        return self.solver.order
+
+    @property
+    def error_order(self):
+        return self.solver.error_order
+
+    @property
+    def adaptive(self):
+        return self.solver.adaptive
+
+    @property
+    def interp_degree(self):
+        return self.solver.interp_degree
+
+    @property
+    def stat_names(self):
+        return tuple(self.solver.stat_names) + ("num_fixed_point_iters",)
+
+    @property
+    def init_fevals(self) -> int:
+        return self.solver.init_fevals
+
+    def breakpoints(self, problem, t0):
+        """``t0`` plus every sum of at most ``order + 1`` lags, sorted: where
+        the derivative jump at ``t0`` propagates (a static number of points;
+        their values follow the lags, so they are differentiable)."""
+        lags = _lags(problem.term)
+        sums = []
+        for k in range(1, self.order + 2):
+            for combo in itertools.combinations_with_replacement(range(len(lags)), k):
+                sums.append(sum(lags[i] for i in combo))
+        return jnp.sort(t0 + jnp.stack(sums).astype(jnp.result_type(t0)))
+
+    def init(self, problem, t0, y0):
+        width = self.max_history
+        dtype = jnp.result_type(t0)
+        buffer = _Buffer((
+            jnp.asarray(t0, dtype),
+            jnp.full((width,), _UNUSED(dtype), dtype),
+            jnp.full((width,), _UNUSED(dtype), dtype),
+            jtu.tree_map(lambda y: jnp.zeros((width,) + y.shape, y.dtype), y0),
+            jtu.tree_map(lambda y: jnp.zeros((width, self.interp_degree) + y.shape, y.dtype), y0),
+        ))
+        current = (jnp.asarray(t0, dtype), jnp.asarray(1, dtype), y0,
+                   jtu.tree_map(lambda y: jnp.zeros((self.interp_degree,) + y.shape, y.dtype), y0))
+        inner = self.solver.init(_DelayProblem(problem, buffer, current), t0, y0)
+        return inner, tuple(buffer)
+
+    def step(self, problem, t0, dt, y0, state):
+        inner_state, buffer = state
+        t_start, bt0, bt1, y0s, coeffs = buffer
+        lags = _lags(problem.term)
+        min_lag = lax.stop_gradient(jnp.min(jnp.stack(lags)))
+        max_lag = lax.stop_gradient(jnp.max(jnp.stack(lags)))
+
+        def attempt(current):
+            out = self.solver.step(_DelayProblem(problem, buffer, current), t0, dt, y0, inner_state)
+            y1, y_err, c1, new_state, info = out
+            if not isinstance(info, StepInfo):
+                info = StepInfo(nfev=info)
+            return (y1, y_err, c1, new_state), info
+
+        # Predictor for times inside the step: the last step's polynomial
+        # extrapolated (the constant y0 on the first step).
+        has_prev = bt1[-1] > bt0[-1]
+        a_prev = jnp.where(has_prev, bt0[-1], t0 - dt)
+        h_prev = jnp.where(has_prev, bt1[-1] - bt0[-1], dt)
+        c_last = jtu.tree_map(lambda c: c[-1], coeffs)
+        c_prev = _tree_where(has_prev, c_last, jtu.tree_map(jnp.zeros_like, c_last))
+        y_prev = _tree_where(has_prev, jtu.tree_map(lambda y: y[-1], y0s), y0)
+        c_pred = _reexpand(y_prev, c_prev, a_prev, h_prev, t0, dt, y0)
+
+        first, info0 = attempt((t0, dt, y0, c_pred))
+        nfev0 = info0.nfev
+        zero_stats = tuple(jnp.zeros((), jnp.int32) for _ in self.solver.stat_names)
+        stats0 = tuple(jnp.asarray(s, jnp.int32) for s in info0.stats) or zero_stats
+        ok0 = jnp.asarray(True) if info0.ok is None else info0.ok
+
+        # Only a step longer than the smallest lag reads inside itself.
+        def corrected(_):
+            def body(carry, _):
+                out, converged, iters, nfev, stats, ok = carry
+
+                def again(_):
+                    new, info = attempt((t0, dt, y0, out[2]))
+                    change = jtu.tree_map(lambda a, b: a - b, new[0], out[0])
+                    # A convergence test only: no derivative (sqrt at a zero change has none).
+                    err = scaled_error(lax.stop_gradient(change), y0, new[0], problem.rtol, problem.atol)
+                    new_ok = jnp.asarray(True) if info.ok is None else info.ok
+                    new_stats = tuple(s + jnp.asarray(d, jnp.int32) for s, d in zip(stats, info.stats)) or stats
+                    return (new, (err <= self.fixed_point_tol) & new_ok, iters + 1,
+                            nfev + info.nfev, new_stats, new_ok)
+
+                return lax.cond(converged, lambda _: carry, again, None), None
+
+            init = (first, jnp.asarray(False), jnp.asarray(0, jnp.int32), jnp.asarray(nfev0, jnp.int32),
+                    stats0, ok0)
+            (out, converged, iters, nfev, stats, ok), _ = lax.scan(body, init, None,
+                                                                   length=self.max_fixed_point_iters)
+            return out, converged & ok, iters, nfev, stats
+
+        def plain(_):
+            return first, ok0, jnp.asarray(0, jnp.int32), jnp.asarray(nfev0, jnp.int32), stats0
+
+        needs_fixed_point = lax.stop_gradient(dt) > min_lag
+        (y1, y_err, c1, new_inner), ok, iters, nfev, stats = lax.cond(needs_fixed_point, corrected, plain, None)
+
+        # Append the step; the oldest slot drops out. If that step may still be
+        # read (it ends after t1 - max(lags)), the buffer is too short.
+        t1 = t0 + dt
+        overflow = bt1[0] > lax.stop_gradient(t1) - max_lag
+        push = lambda b, x: jnp.concatenate([b[1:], jnp.asarray(x, b.dtype)[None]])  # noqa: E731
+        new_buffer = (
+            t_start, push(bt0, t0), push(bt1, t1),
+            jtu.tree_map(push, y0s, y0), jtu.tree_map(push, coeffs, c1),
+        )
+        reject_inner = inner_state if info0.reject_state is None else info0.reject_state
+        info = StepInfo(
+            nfev=nfev,
+            ok=ok,
+            stats=tuple(stats) + (iters,),
+            fail_factor=0.5,
+            reject_state=(reject_inner, buffer),
+            status=jnp.where(overflow, Status.HISTORY_OVERFLOW, Status.SUCCESS).astype(jnp.int32),
+        )
+        return y1, y_err, c1, (new_inner, new_buffer), info
+
+
+def _reexpand(y_prev, c_prev, a_prev, h_prev, t0, dt, y0):
+    """Coefficients, on ``[t0, t0 + dt]`` and relative to ``y0``, of the
+    polynomial ``y_prev + sum_j c_prev[j] ((t - a_prev) / h_prev)^(j+1)``
+    (extrapolation of the previous step into the current one), found by
+    sampling it at ``degree`` points."""
+    degree = jtu.tree_leaves(c_prev)[0].shape[0]
+    thetas = jnp.arange(1, degree + 1, dtype=jnp.result_type(t0)) / degree
+    # Values at t0 + theta dt minus y0, then solve the Vandermonde system.
+    vander = thetas[:, None] ** jnp.arange(1, degree + 1)[None, :]
+
+    def values(theta):
+        return evaluate_polynomial(y_prev, c_prev, (t0 + theta * dt - a_prev) / h_prev)
+
+    samples = jax.vmap(values)(thetas)
+
+    def leaf(v, y):
+        rhs = (v - y[None]).reshape(degree, -1)
+        sol = jnp.linalg.solve(vander.astype(rhs.dtype), rhs)
+        return sol.reshape((degree,) + y.shape)
+
+    return jtu.tree_map(leaf, samples, y0)
