@@ -8,7 +8,7 @@ from .sensitivity import AbstractSensitivity, BacksolveAdjoint, CheckpointAdjoin
 from .solvers import (RK4, SOSRI, SRA1, SRIW1, AbstractSolver, Dopri5, Euler, EulerMaruyama, Heun, Kvaerno3,
                       Kvaerno4, Kvaerno5, MethodOfSteps, Tsit5)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "solve",
