@@ -4,12 +4,19 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import equinox as eqx
+import jax.numpy as jnp
 import numpy as np
 
 from ._solve import solve
+<<<<<<< HEAD
 from ._terms import ODETerm, SDETerm
 from .sensitivity import AbstractSensitivity
 from .solvers import SRIW1, AbstractSolver, Tsit5
+=======
+from ._terms import ODETerm
+from .sensitivity import AbstractSensitivity, CheckpointAdjoint
+from .solvers import AbstractSolver, Tsit5
+>>>>>>> notebooks
 
 
 def _static_times(t) -> tuple:
@@ -21,37 +28,69 @@ def _static_times(t) -> tuple:
     return tuple(float(x) for x in arr)
 
 
+# The keyword arguments of `solve` that a layer passes through unchanged; the
+# rest (term, y0, t, args, solver, sensitivity, rtol, atol) it sets itself.
+_PASS_THROUGH = ("dt0", "adaptive", "max_steps", "dense", "throw", "progress")
+
+
+def _solve_options(layer: str, options: dict) -> tuple:
+    unknown = sorted(set(options) - set(_PASS_THROUGH))
+    if unknown:
+        raise TypeError(
+            f"{layer}(...) got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+            f"it takes the solve options {', '.join(_PASS_THROUGH)}."
+        )
+    # Stored as a static, hashable tuple: they select the compiled program.
+    return tuple(sorted(options.items()))
+
+
 class NeuralODE(eqx.Module):
     """``dy/dt = field(t, y, args)`` as a layer: ``model(y0, args=None)``
-    returns the states at ``t`` (leading axis ``len(t)``).
+    returns the states at ``t`` (leading axis ``len(t)``, the structure of ``y0``).
 
-    ``field`` is any callable, usually an `eqx.Module` whose parameters are
-    trained. Extra keyword arguments (``max_steps``, ``dt0``, ``adaptive``,
-    ``dense``, ``throw``, ``progress``) are passed to `neuralde.solve`.
+    ``field`` is any callable ``field(t, y, args)``, usually an `eqx.Module`
+    whose floating-point arrays are the trained parameters; ``t``, the solver,
+    the sensitivity method and the tolerances are static (never trained).
+    Keyword arguments of `neuralde.solve` that the layer does not set itself
+    (``dt0``, ``adaptive``, ``max_steps``, ``dense``, ``throw``, ``progress``)
+    are taken at construction and passed to every solve.
+
+    Batches: ``jax.vmap(model)(y0_batch)``. Training: any Equinox/Optax loop,
+    e.g. ``eqx.filter_value_and_grad(loss)(model, ...)``; gradients reach the
+    field's parameters, ``y0`` and ``args`` under every sensitivity method.
+    To evaluate a trained field at other times or tolerances, build a new layer
+    around it: ``NeuralODE(model.field, new_t, rtol=1e-3)``.
     """
 
     field: Callable
     t: tuple = eqx.field(static=True)
     solver: AbstractSolver = eqx.field(static=True)
-    sensitivity: Optional[AbstractSensitivity] = eqx.field(static=True)
+    sensitivity: AbstractSensitivity = eqx.field(static=True)
     rtol: float = eqx.field(static=True)
     atol: float = eqx.field(static=True)
     solve_kwargs: tuple = eqx.field(static=True)
 
-    def __init__(self, field, t, solver=None, sensitivity=None, rtol=1e-6, atol=1e-6, **solve_kwargs):
+    def __init__(
+        self,
+        field: Callable,
+        t: Any,
+        solver: Optional[AbstractSolver] = None,
+        sensitivity: Optional[AbstractSensitivity] = None,
+        rtol: float = 1e-6,
+        atol: float = 1e-6,
+        **solve_kwargs: Any,
+    ):
         if not callable(field):
             raise TypeError(f"NeuralODE(field, ...): `field` must be callable f(t, y, args); got {type(field).__name__}.")
         self.field = field
         self.t = _static_times(t)
         self.solver = Tsit5() if solver is None else solver
-        self.sensitivity = sensitivity
-        self.rtol = rtol
-        self.atol = atol
-        self.solve_kwargs = tuple(sorted(solve_kwargs.items()))
+        self.sensitivity = CheckpointAdjoint() if sensitivity is None else sensitivity
+        self.rtol = float(rtol)
+        self.atol = float(atol)
+        self.solve_kwargs = _solve_options("NeuralODE", solve_kwargs)
 
-    def __call__(self, y0, args: Any = None):
-        import jax.numpy as jnp
-
+    def __call__(self, y0: Any, args: Any = None) -> Any:
         sol = solve(
             ODETerm(self.field), self.solver, y0, jnp.asarray(self.t), args=args,
             sensitivity=self.sensitivity, rtol=self.rtol, atol=self.atol, **dict(self.solve_kwargs),

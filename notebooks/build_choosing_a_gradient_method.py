@@ -10,27 +10,10 @@ notebook is computed by its code.
 """
 from __future__ import annotations
 
-import argparse
-import os
-import pathlib
-import tempfile
-import time
+from _build import PREAMBLE, NotebookBuilder
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-HERE = pathlib.Path(__file__).resolve().parent
-NOTEBOOK = HERE / "choosing_a_gradient_method.ipynb"
-
-CELLS: list[tuple[str, str]] = []
-
-
-def md(source: str) -> None:
-    CELLS.append(("md", source.strip("\n")))
-
-
-def code(source: str) -> None:
-    CELLS.append(("code", source.strip("\n")))
+nb = NotebookBuilder("choosing_a_gradient_method", __doc__)
+md, code = nb.md, nb.code
 
 
 # ---------------------------------------------------------------------------
@@ -60,44 +43,22 @@ The rule of thumb (the one DiffEqFlux.jl gives):
 | backsolve is unstable (chaotic, stiff or strongly dissipative dynamics, long spans) | `CheckpointAdjoint()` |
 | memory is the limit *and* the dynamics can be integrated backwards | `BacksolveAdjoint()`, or `CheckpointAdjoint(checkpoints=k)` with a small `k` |
 
-This notebook measures each point on small problems:
+On a well-behaved problem all four give the same gradient: the
+[Lotka–Volterra fitting notebook](lotka_volterra_fitting.ipynb) shows it (to round-off for the
+three exact methods, to the tolerance for backsolve) and times them on the DiffEqFlux
+parameter-fitting example. This notebook measures the rest on small problems:
 
-1. all four methods give the same gradient on a well-behaved problem (Lotka–Volterra);
-2. forward versus reverse as the number of parameters grows (a neural vector field);
-3. where `BacksolveAdjoint` fails (Lorenz over long spans, a stiff linear system), and why;
-4. the compiled memory of each method.
+1. forward versus reverse as the number of parameters grows (a neural vector field);
+2. where `BacksolveAdjoint` fails (Lorenz over long spans, a stiff linear system), and why;
+3. the compiled memory of each method.
 
 Timings were measured on a **shared 2-core CPU** (other jobs ran alongside), in float64, so they
 are noisy: each is the best of several calls of an already-compiled function.
 Set `NEURALDE_NOTEBOOK_QUICK=1` to run a shorter version (fewer sizes and spans).
 """)
 
-code(r"""
+code(PREAMBLE + r"""
 import functools
-import os
-import pathlib
-import sys
-import time
-
-import equinox as eqx
-import jax
-import jax.numpy as jnp
-import jax.random as jr
-import matplotlib.pyplot as plt
-import numpy as np
-
-jax.config.update("jax_enable_x64", True)  # float64: we compare gradients down to round-off
-
-try:
-    import neuralde as nde
-except ImportError:  # a checkout without `pip install .`: use the package next to this folder
-    sys.path.insert(0, str(pathlib.Path.cwd().parent))
-    import neuralde as nde
-
-QUICK = os.environ.get("NEURALDE_NOTEBOOK_QUICK") == "1"
-NOTEBOOK_START = time.perf_counter()
-print(f"neuralde {nde.__version__}, jax {jax.__version__}, equinox {eqx.__version__}; "
-      f"backend {jax.default_backend()}, {os.cpu_count()} CPU cores; quick mode: {QUICK}")
 
 
 def timed(f, *args, min_time=0.3, max_calls=200):
@@ -124,71 +85,10 @@ def rel_diff(g, g_ref):
 """)
 
 # ---------------------------------------------------------------------------
-# 2. Same gradient on a well-behaved problem
-# ---------------------------------------------------------------------------
-md(r"""
-## 1. A well-behaved problem: all four methods agree
-
-Lotka–Volterra with $p = (1.5, 1, 3, 1)$, $u_0 = (1, 1)$, $t \in [0, 10]$, Tsit5 at
-`rtol = atol = 1e-8`, and the loss $L = \sum_i \lVert u(t_i) \rVert^2$ over 21 save times.
-We take the gradient with respect to both $u_0$ and $p$ with each method.
-""")
-
-code(r"""
-def lotka_volterra(t, u, p):
-    x, y = u
-    a, b, d, g = p
-    return jnp.stack([a * x - b * x * y, -d * y + g * x * y])
-
-
-u0 = jnp.array([1.0, 1.0])
-p = jnp.array([1.5, 1.0, 3.0, 1.0])
-ts = jnp.linspace(0.0, 10.0, 21)
-
-
-def lv_loss(u0, p, sensitivity):
-    sol = nde.solve(nde.ODETerm(lotka_volterra), nde.Tsit5(), u0, ts, args=p,
-                    sensitivity=sensitivity, rtol=1e-8, atol=1e-8)
-    return jnp.sum(sol.ys ** 2)
-
-
-methods = {
-    "ReverseMode": nde.ReverseMode(),
-    "ForwardMode": nde.ForwardMode(),
-    "CheckpointAdjoint": nde.CheckpointAdjoint(),
-    "BacksolveAdjoint": nde.BacksolveAdjoint(),
-}
-lv_grads, lv_times = {}, {}
-for name, sensitivity in methods.items():
-    grad_fn = jax.jit(jax.grad(functools.partial(lv_loss, sensitivity=sensitivity), argnums=(0, 1)))
-    lv_times[name] = timed(grad_fn, u0, p)
-    lv_grads[name] = grad_fn(u0, p)
-
-np.set_printoptions(precision=10, linewidth=140)
-for name, (g_u0, g_p) in lv_grads.items():
-    print(f"{name:18s} dL/du0 = {np.asarray(g_u0)}   dL/dp = {np.asarray(g_p)}")
-""")
-
-code(r"""
-print(f"{'method':18s} {'rel. diff to ReverseMode':>25s} {'1st call (s)':>13s} {'one grad (ms)':>14s}")
-for name in methods:
-    first, best = lv_times[name]
-    print(f"{name:18s} {rel_diff(lv_grads[name], lv_grads['ReverseMode']):25.2e} {first:13.2f} {1e3 * best:14.3f}")
-""")
-
-md(r"""
-`ForwardMode` and `CheckpointAdjoint` differentiate the same computed solution as `ReverseMode`,
-so they agree with it to round-off. `BacksolveAdjoint` solves a different (continuous) problem
-backwards with its own adaptive steps, so it agrees only to roughly the solver's tolerance — fine
-for training. With only 6 inputs ($u_0$ and $p$) this is forward mode's home ground: compare the
-timings (the first call includes compilation).
-""")
-
-# ---------------------------------------------------------------------------
 # 3. Forward vs reverse as parameters grow
 # ---------------------------------------------------------------------------
 md(r"""
-## 2. Forward mode versus an adjoint as the number of parameters grows
+## 1. Forward mode versus an adjoint as the number of parameters grows
 
 `ForwardMode` propagates one tangent per input, so under `jax.grad` its cost grows linearly with
 the number of parameters; an adjoint makes one backward pass whatever their number. Here the vector
@@ -268,7 +168,7 @@ many outputs with respect to few inputs (`jax.jacfwd`), which costs one forward 
 # 4. Where backsolve fails
 # ---------------------------------------------------------------------------
 md(r"""
-## 3. When `BacksolveAdjoint` fails
+## 2. When `BacksolveAdjoint` fails
 
 `BacksolveAdjoint` stores nothing on the way forward: on the way back it solves the state $y$
 backwards from $y(T)$, together with the adjoint $a$ and the parameter gradient $g$,
@@ -498,7 +398,7 @@ conditioned. `ReverseMode` and `ForwardMode` likewise never reverse $y$.
 # 5. Memory
 # ---------------------------------------------------------------------------
 md(r"""
-## 4. Memory
+## 3. Memory
 
 XLA reports, for a compiled function, the temporary memory it needs
 (`jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes`). We compile the gradient
@@ -573,9 +473,6 @@ The figures measured in this run:
 """)
 
 code(r"""
-print("Lotka-Volterra, relative difference of the gradient to ReverseMode:")
-for name in methods:
-    print(f"  {name:18s} {rel_diff(lv_grads[name], lv_grads['ReverseMode']):.1e}")
 print("Forward / adjoint time ratio by number of parameters:",
       ", ".join(f"{n}: {f / a:.2g}" for n, f, a in zip(sizes, scaling["ForwardMode"], scaling["CheckpointAdjoint"])))
 print("Lorenz, relative gradient error at tol 1e-8 (CheckpointAdjoint / BacksolveAdjoint):")
@@ -585,41 +482,5 @@ print(f"\nThis notebook ran in {time.perf_counter() - NOTEBOOK_START:.0f} s (qui
 """)
 
 
-def build() -> nbformat.NotebookNode:
-    nb = new_notebook()
-    nb.cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in CELLS]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.metadata["language_info"] = {"name": "python"}
-    return nb
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="set NEURALDE_NOTEBOOK_QUICK=1 (writes a temp copy unless --output)")
-    parser.add_argument("--no-execute", action="store_true", help="write the notebook without running it")
-    parser.add_argument("--output", type=pathlib.Path, default=None)
-    parser.add_argument("--timeout", type=int, default=900, help="per-cell timeout in seconds")
-    opts = parser.parse_args()
-
-    output = opts.output
-    if output is None:
-        output = pathlib.Path(tempfile.gettempdir()) / NOTEBOOK.name if opts.quick else NOTEBOOK
-    nb = build()
-    if not opts.no_execute:
-        from nbclient import NotebookClient
-
-        if opts.quick:
-            os.environ["NEURALDE_NOTEBOOK_QUICK"] = "1"
-        else:
-            os.environ.pop("NEURALDE_NOTEBOOK_QUICK", None)
-        t0 = time.perf_counter()
-        NotebookClient(nb, timeout=opts.timeout, kernel_name="python3",
-                       resources={"metadata": {"path": str(HERE)}}).execute()
-        print(f"executed in {time.perf_counter() - t0:.1f} s")
-    nbformat.write(nb, output)
-    print(f"wrote {output}")
-
-
 if __name__ == "__main__":
-    main()
+    nb.main()
