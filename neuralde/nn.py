@@ -8,15 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._solve import solve
-<<<<<<< HEAD
 from ._terms import ODETerm, SDETerm
-from .sensitivity import AbstractSensitivity
-from .solvers import SRIW1, AbstractSolver, Tsit5
-=======
-from ._terms import ODETerm
 from .sensitivity import AbstractSensitivity, CheckpointAdjoint
-from .solvers import AbstractSolver, Tsit5
->>>>>>> notebooks
+from .solvers import SRIW1, AbstractSolver, Tsit5
 
 
 def _static_times(t) -> tuple:
