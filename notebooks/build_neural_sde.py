@@ -103,7 +103,7 @@ n_params = sum(x.size for x in jax.tree_util.tree_leaves(eqx.filter(model, eqx.i
 print(f"{n_params} trainable parameters")
 
 BATCH = 4 if QUICK else 10  # paths per loss evaluation; the second phase's loss is on their mean
-NUM_PLOT_PATHS = 32 if QUICK else 100  # a multiple of BATCH
+NUM_PLOT_PATHS = 16 if QUICK else 100  # a multiple of BATCH
 
 
 def loss_fn(model, keys, weights):
@@ -198,7 +198,7 @@ fig, (ax_s, ax_l) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ra
 plot_summary(ax_s, after, "after training: model ensemble vs data")
 ax_s.legend(fontsize="x-small", loc="lower left")
 ax_l.semilogy(np.arange(iters_single), phase1, ".-", label="single-path loss")
-ax_l.semilogy(np.arange(iters_single, len(losses)), phase2, ".-", label="10-path-mean loss")
+ax_l.semilogy(np.arange(iters_single, len(losses)), phase2, ".-", label=f"{BATCH}-path-mean loss")
 ax_l.set(xlabel="iteration", ylabel="loss", title="training loss (fresh paths every iteration)")
 ax_l.legend(fontsize="small")
 fig.tight_layout()
