@@ -114,8 +114,21 @@ def check_stiff_rober(ns):
     assert np.all(end < start / 2), (start, end)
 
 
+def check_neural_sde(ns):
+    # Quick mode (15 single-path + 5 mean iterations) measured: loss 161 -> 42, ensemble-mean error
+    # 216 -> 33 (7x); the full run 236 -> 0.44.
+    losses = ns["losses"]
+    assert losses[-5:].mean() < losses[:5].mean() / 2, losses
+    assert ns["err_after"] < ns["err_before"] / 3, (ns["err_before"], ns["err_after"])
+    # The true drift at the model's loose tolerance reproduces the data's spread (measured 0.79 with
+    # 30 paths; 0.93 with 400), the trained model's paths spread less (quick 0.18, full run 0.39).
+    assert 0.6 < ns["spread_control"] < 1.4, ns["spread_control"]
+    assert ns["spread_trained"] < 0.7 * ns["spread_control"], (ns["spread_trained"], ns["spread_control"])
+
+
 CHECKS = {
     "stiff_rober": check_stiff_rober,
+    "neural_sde": check_neural_sde,
     "universal_differential_equation": check_universal_differential_equation,
     "ode_block_digits": check_ode_block_digits,
     "odenet_vs_resnet": check_odenet_vs_resnet,
