@@ -90,11 +90,17 @@ class _DelayProblem:
         # an unused branch never sees a time it was not written for).
         v_hist = self.term.history(jnp.minimum(s, t_start), self.args)
         v_hist = jtu.tree_map(lambda v, y: jnp.asarray(v, y.dtype), v_hist, y_n)
-        # Accepted steps: the first step whose end is >= s.
+        # Accepted steps: the first step whose end is >= s. A step ends where
+        # the next one starts (the last where the current one starts): the
+        # loop's step end, not ``t0 + dt`` as the step computed it, which can
+        # differ by an ulp and leave a gap where a lookup found no step (NaN
+        # in the attempt, and NaN reverse-mode gradients through it).
         width = bt1.shape[0]
-        idx = jnp.minimum(jnp.sum(bt1 < s), width - 1)
-        a, b = bt0[idx], bt1[idx]
-        found = (a <= s) & (s <= b) & (a < b)
+        used = bt1 > bt0
+        ends = jnp.concatenate([bt0[1:], jnp.asarray(t_n, bt0.dtype)[None]])
+        idx = jnp.minimum(jnp.sum(ends < s), width - 1)
+        a, b = bt0[idx], ends[idx]
+        found = used[idx] & (a <= s) & (s <= b) & (a < b)
         a_safe = jnp.where(found, a, s - 1)
         b_safe = jnp.where(found, b, s)
         val = evaluate_polynomial(
