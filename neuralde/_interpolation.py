@@ -49,9 +49,12 @@ class DenseHistory(eqx.Module):
         idx = jnp.clip(idx, 0, jnp.maximum(n - 1, 0))
         t0 = self.ts[idx]
         t1 = self.ts[idx + 1]
-        theta = (s - t0) / (t1 - t0)
+        inside = (n > 0) & (s >= self.ts[0]) & (s <= self.ts[n])
+        # Outside (or with no step, t1 = +inf padding) the result is NaN by the
+        # `where` below; evaluate the unselected branch at safe numbers so that
+        # its zero cotangent never meets an inf (0 * inf = NaN in gradients).
+        theta = jnp.where(inside, (jnp.where(inside, s, t0) - t0) / jnp.where(inside, t1 - t0, 1), 0)
         y0 = jtu.tree_map(lambda x: x[idx], self.y0s)
         coeffs = jtu.tree_map(lambda x: x[idx], self.coeffs)
         out = evaluate_polynomial(y0, coeffs, theta)
-        inside = (n > 0) & (s >= self.ts[0]) & (s <= self.ts[n])
         return jtu.tree_map(lambda x: jnp.where(inside, x, jnp.nan), out)

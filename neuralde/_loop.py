@@ -160,7 +160,12 @@ def _tree_where(pred, a, b):
 
 
 def _interpolate(s, t0, t1, y0, y1, coeffs):
-    theta = (s - t0) / (t1 - t0)
+    # Before the first step t1 == t0 (an unselected save under `jax.vmap`,
+    # where `cond` becomes `select`): divide by a safe span so that no 0/0
+    # reaches the value or, through zero cotangents, the gradients.
+    span = t1 - t0
+    moved = span != 0
+    theta = jnp.where(moved, (s - t0) / jnp.where(moved, span, 1), 0)
     val = evaluate_polynomial(y0, coeffs, theta)
     # The end of a step is the step's own solution, not its interpolant's
     # rounding of it; its derivative is the polynomial's, which accounts for a

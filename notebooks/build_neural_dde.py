@@ -171,7 +171,9 @@ def step_h(params, state):
     updates, state = opt_h.update(g, state)
     return optax.apply_updates(params, updates), state, loss
 
-params = (jnp.asarray(1.0), jnp.asarray(0.5))
+# dtype=float: a plain jnp.asarray(1.0) is weakly typed, and the first updates would change the
+# types of the parameters and optimiser state, compiling the step three times.
+params = (jnp.asarray(1.0, dtype=float), jnp.asarray(0.5, dtype=float))
 state = opt_h.init(params)
 trace = []
 for i in range(100 if QUICK else 300):
@@ -208,7 +210,7 @@ class DelayedField(eqx.Module):
         z = jnp.stack([y, h(t - self.lags[0])])
         return self.mlp(z)[0]
 
-field = DelayedField(eqx.nn.MLP(2, 1, 32, 2, activation=jnp.tanh, key=jr.PRNGKey(1)), (jnp.asarray(0.5),))
+field = DelayedField(eqx.nn.MLP(2, 1, 32, 2, activation=jnp.tanh, key=jr.PRNGKey(1)), (jnp.asarray(0.5, dtype=float),))
 model = nde.NeuralDDE(field, history, None, ts_data, rtol=1e-5, atol=1e-5, max_steps=1024)
 
 def loss_nn(m):

@@ -324,6 +324,38 @@ def test_grad_vs_finite_differences(dde_grads, name, dt):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
 
 
+def test_lookup_at_a_landed_step_end_regression():
+    """Regression: a step that lands on the breakpoint at the lag L stored its
+    end as ``t0 + dt``, which can round an ulp below L, where the next step
+    starts; that step, [L, 2L], reads h(L) at its last stage and found no step
+    there: NaN in the attempt, a rejected step, and NaN reverse-mode gradients
+    (zero cotangents times the NaN attempt's derivatives) although the solve
+    was finite. With these numbers (y' = -a y(t - 0.68), rtol 1e-4) the old
+    lookup failed."""
+    a0, lag = 1.0, 0.68
+    ts = jnp.linspace(0.0, 3.0, 4)
+
+    def loss(a, lag, sensitivity):
+        term = nde.DDETerm(lambda t, y, h, p: -p[0] * h(t - p[1]), lambda s, p: jnp.asarray(1.0), (lag,))
+        sol = nde.solve(term, nde.MethodOfSteps(nde.Tsit5(), max_history=16), jnp.asarray(1.0), ts,
+                        args=(a, lag), rtol=1e-4, atol=1e-4, max_steps=32, sensitivity=sensitivity)
+        return jnp.sum(sol.ys), sol.stats["num_rejected"]
+
+    # Independent reference: the exact solution's derivative in a (central
+    # differences of exact piecewise polynomials); the solve is at rtol 1e-4.
+    exact = lambda a: float(np.sum(exact_linear([-a], [lag], np.asarray(ts), n_pieces=5, piece=lag)))  # noqa: E731
+    eps = 1e-6
+    fd = (exact(a0 + eps) - exact(a0 - eps)) / (2 * eps)
+    # ReverseMode only (one compilation): CheckpointAdjoint replays the same
+    # iterations and failed alike.
+    grad = jax.jit(jax.value_and_grad(lambda a, lag: loss(a, lag, nde.ReverseMode()), has_aux=True))
+    (value, rejected), g = grad(jnp.asarray(a0), jnp.asarray(lag))
+    assert np.isfinite(float(g))
+    np.testing.assert_allclose(float(g), fd, rtol=2e-3)
+    np.testing.assert_allclose(float(value), exact(a0), rtol=1e-3)
+    assert int(rejected) == 0
+
+
 # -------------------------------------------------------------- NeuralDDE
 
 

@@ -90,11 +90,17 @@ class _DelayProblem:
         # an unused branch never sees a time it was not written for).
         v_hist = self.term.history(jnp.minimum(s, t_start), self.args)
         v_hist = jtu.tree_map(lambda v, y: jnp.asarray(v, y.dtype), v_hist, y_n)
-        # Accepted steps: the first step whose end is >= s.
+        # Accepted steps: the first step whose end is >= s. A step ends where
+        # the next one starts (the last where the current one starts): the
+        # loop's step end, not ``t0 + dt`` as the step computed it, which can
+        # differ by an ulp and leave a gap where a lookup found no step (NaN
+        # in the attempt, and NaN reverse-mode gradients through it).
         width = bt1.shape[0]
-        idx = jnp.minimum(jnp.sum(bt1 < s), width - 1)
-        a, b = bt0[idx], bt1[idx]
-        found = (a <= s) & (s <= b) & (a < b)
+        used = bt1 > bt0
+        ends = jnp.concatenate([bt0[1:], jnp.asarray(t_n, bt0.dtype)[None]])
+        idx = jnp.minimum(jnp.sum(ends < s), width - 1)
+        a, b = bt0[idx], ends[idx]
+        found = used[idx] & (a <= s) & (s <= b) & (a < b)
         a_safe = jnp.where(found, a, s - 1)
         b_safe = jnp.where(found, b, s)
         val = evaluate_polynomial(
@@ -104,7 +110,12 @@ class _DelayProblem:
         # than its largest lag) gives NaN, never a stale value.
         v_buf = jtu.tree_map(lambda v: jnp.where(found, v, jnp.nan), val)
         # Inside the current step: its own (or the predicted) polynomial.
-        v_cur = evaluate_polynomial(y_n, c_n, (s - t_n) / dt)
+        # (A zero step -- under `jax.vmap` the loop keeps attempting steps of
+        # length 0 once a solve has finished, `cond` being `select` -- divides
+        # by a safe 1: a 0/0 here, though never selected, makes the gradients
+        # NaN through its zero cotangent.)
+        moved = dt != 0
+        v_cur = evaluate_polynomial(y_n, c_n, jnp.where(moved, (s - t_n) / jnp.where(moved, dt, 1), 0))
         in_hist = s <= t_start
         in_buf = s <= t_n
         return jtu.tree_map(
@@ -228,7 +239,7 @@ class MethodOfSteps(AbstractSolver):
         # extrapolated (the constant y0 on the first step).
         has_prev = bt1[-1] > bt0[-1]
         a_prev = jnp.where(has_prev, bt0[-1], t0 - dt)
-        h_prev = jnp.where(has_prev, bt1[-1] - bt0[-1], dt)
+        h_prev = jnp.where(has_prev, bt1[-1] - bt0[-1], jnp.where(dt != 0, dt, 1))  # no 0/0 (see `h`)
         c_last = jtu.tree_map(lambda c: c[-1], coeffs)
         c_prev = _tree_where(has_prev, c_last, jtu.tree_map(jnp.zeros_like, c_last))
         y_prev = _tree_where(has_prev, jtu.tree_map(lambda y: y[-1], y0s), y0)
