@@ -145,6 +145,13 @@ class CheckpointAdjoint(AbstractSensitivity):
                 else:
                     ct_step = zero_tangents(step)
                 ct_p, ct_dd = vjp_fn((ct_packed, zero_tangents(save_at), ct_save, ct_step))
+                # A masked (finished) lane passes its carry through unchanged. Its
+                # discarded iteration may still have made inf/NaN partials (a step
+                # of length zero), which a zero cotangent turns into NaN: select
+                # the pass-through cotangent instead of relying on 0 * inf.
+                active = prog.cond(packed)
+                ct_p = jtu.tree_map(lambda a, b: a if _is_float0(a) else jnp.where(active, a, b), ct_p, ct_packed)
+                ct_dd = jtu.tree_map(lambda a: a if _is_float0(a) else jnp.where(active, a, jnp.zeros_like(a)), ct_dd)
                 return ct_p, jtu.tree_map(_add, ct_d, ct_dd)
 
             def single(c):
@@ -222,6 +229,10 @@ def _masked_iteration(prog, packed):
     new = jtu.tree_map(lambda a, b: jnp.where(active, a, b), new, packed)
     save_at = jnp.where(active, save_at, prog.n_save)
     return new, save_at, save_val, step._replace(accept=step.accept & active)
+
+
+def _is_float0(a):
+    return getattr(a, "dtype", None) == jax.dtypes.float0
 
 
 def _add(a, b):
