@@ -10,27 +10,11 @@ notebook is computed by its code.
 """
 from __future__ import annotations
 
-import argparse
-import os
-import pathlib
-import tempfile
-import time
+from _build import NotebookBuilder
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-HERE = pathlib.Path(__file__).resolve().parent
-NOTEBOOK = HERE / "stiff_rober.ipynb"
-
-CELLS: list[tuple[str, str]] = []
-
-
-def md(source: str) -> None:
-    CELLS.append(("md", source.strip("\n")))
-
-
-def code(source: str) -> None:
-    CELLS.append(("code", source.strip("\n")))
+nb = NotebookBuilder("stiff_rober", __doc__)
+md = nb.md
+code = nb.code
 
 
 md(r"""
@@ -182,41 +166,5 @@ print(f"This notebook ran in {time.perf_counter() - NOTEBOOK_START:.0f} s (quick
 """)
 
 
-def build() -> nbformat.NotebookNode:
-    nb = new_notebook()
-    nb.cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in CELLS]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.metadata["language_info"] = {"name": "python"}
-    return nb
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="set NEURALDE_NOTEBOOK_QUICK=1 (writes a temp copy unless --output)")
-    parser.add_argument("--no-execute", action="store_true", help="write the notebook without running it")
-    parser.add_argument("--output", type=pathlib.Path, default=None)
-    parser.add_argument("--timeout", type=int, default=900, help="per-cell timeout in seconds")
-    opts = parser.parse_args()
-
-    output = opts.output
-    if output is None:
-        output = pathlib.Path(tempfile.gettempdir()) / NOTEBOOK.name if opts.quick else NOTEBOOK
-    nb = build()
-    if not opts.no_execute:
-        from nbclient import NotebookClient
-
-        if opts.quick:
-            os.environ["NEURALDE_NOTEBOOK_QUICK"] = "1"
-        else:
-            os.environ.pop("NEURALDE_NOTEBOOK_QUICK", None)
-        t0 = time.perf_counter()
-        NotebookClient(nb, timeout=opts.timeout, kernel_name="python3",
-                       resources={"metadata": {"path": str(HERE)}}).execute()
-        print(f"executed in {time.perf_counter() - t0:.1f} s")
-    nbformat.write(nb, output)
-    print(f"wrote {output}")
-
-
 if __name__ == "__main__":
-    main()
+    nb.main()
