@@ -16,7 +16,7 @@ from ._controller import PIController
 from ._loop import LoopConfig, build_program
 from ._solution import Solution, status_messages
 from ._brownian import seed_from_key
-from ._terms import AbstractTerm, SDETerm
+from ._terms import AbstractTerm, DDETerm, SDETerm
 from .sensitivity import AbstractSensitivity, BacksolveAdjoint, CheckpointAdjoint
 from .solvers import AbstractSolver
 
@@ -74,7 +74,7 @@ def solve(
     if isinstance(term, SDETerm):
         term = _attach_key(term, solver, sensitivity, key, t)
     y0 = _as_state(y0)
-    if type(term).__name__ == "DDETerm":
+    if isinstance(term, DDETerm):
         _check_delay(term, t, y0, args, sensitivity)
     _check_values(rtol, atol, dt0, max_steps)
     adaptive = bool(adaptive) and solver.adaptive
@@ -260,10 +260,7 @@ def _describe(tree):
 
 
 def _check_vector_field(term, t0, y0, args):
-    # Only the arrays of `args` are abstract; strings, flags and callables in it
-    # are passed through as they are.
-    args_dyn, args_static = eqx.partition(args, eqx.is_array)
-    out = jax.eval_shape(lambda t, y, a: term.vf(t, y, eqx.combine(a, args_static)), t0, y0, args_dyn)
+    out = _abstract_call(term.vf, args, t0, y0)
     want_def = jtu.tree_structure(y0)
     got_def = jtu.tree_structure(out)
     if want_def != got_def:
@@ -324,9 +321,20 @@ def _attach_key(term, solver, sensitivity, key, t):
     return term.with_seed(seed_from_key(key))
 
 
-def _check_diffusion(term, t0, y0, args):
+def _abstract_call(fn, args, *xs):
+    """The output shapes of ``fn(*xs, args)``: only the arrays of ``args`` are
+    abstract; strings, flags and callables in it are passed as they are."""
     args_dyn, args_static = eqx.partition(args, eqx.is_array)
-    out = jax.eval_shape(lambda t, y, a: term.g(t, y, eqx.combine(a, args_static)), t0, y0, args_dyn)
+    return jax.eval_shape(lambda a, *x: fn(*x, eqx.combine(a, args_static)), args_dyn, *xs)
+
+
+def _same_layout(out, y0) -> bool:
+    return jtu.tree_structure(out) == jtu.tree_structure(y0) and all(
+        tuple(a.shape) == tuple(b.shape) for a, b in zip(jtu.tree_leaves(out), jtu.tree_leaves(y0)))
+
+
+def _check_diffusion(term, t0, y0, args):
+    out = _abstract_call(term.g, args, t0, y0)
     if term.noise == "general":
         size = sum(int(np.prod(leaf.shape)) for leaf in jtu.tree_leaves(y0))
         want = (size, term.noise_dim)
@@ -337,8 +345,7 @@ def _check_diffusion(term, t0, y0, args):
                 f"got {got}."
             )
         return
-    if jtu.tree_structure(out) != jtu.tree_structure(y0) or any(
-            tuple(a.shape) != tuple(b.shape) for a, b in zip(jtu.tree_leaves(out), jtu.tree_leaves(y0))):
+    if not _same_layout(out, y0):
         raise ValueError(
             f"With noise={term.noise!r} the diffusion must return the structure and shapes of `y0` "
             f"({_describe(y0)}); got {_describe(out)}. For a (y.size, m) matrix use noise='general', noise_dim=m."
@@ -346,7 +353,7 @@ def _check_diffusion(term, t0, y0, args):
 
 
 def _check_delay(term, t, y0, args, sensitivity):
-    if type(sensitivity).__name__ == "BacksolveAdjoint":
+    if isinstance(sensitivity, BacksolveAdjoint):
         raise NotImplementedError(
             "`sensitivity` BacksolveAdjoint() does not support delay equations (the adjoint of a DDE "
             "is itself a DDE, advanced in the opposite direction). Use CheckpointAdjoint() (the "
@@ -359,11 +366,8 @@ def _check_delay(term, t, y0, args, sensitivity):
                 "`t` must be increasing for a DDETerm: delay equations are solved forward in time from "
                 f"their history; got t from {float(t_np[0])} to {float(t_np[-1])}."
             )
-    args_dyn, args_static = eqx.partition(args, eqx.is_array)
-    out = jax.eval_shape(lambda s, a: term.history(s, eqx.combine(a, args_static)), t[0], args_dyn)
-    if jtu.tree_structure(out) != jtu.tree_structure(y0) or any(
-        tuple(a.shape) != tuple(b.shape) for a, b in zip(jtu.tree_leaves(out), jtu.tree_leaves(y0))
-    ):
+    out = _abstract_call(term.history, args, t[0])
+    if not _same_layout(out, y0):
         raise ValueError(
             "DDETerm `history(s, args)` must return the structure and shapes of `y0`; "
             f"y0 is {_describe(y0)} but history returned {_describe(out)}."
