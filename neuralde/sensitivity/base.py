@@ -35,38 +35,10 @@ def zero_tangents(tree):
     return jtu.tree_map(leaf, tree)
 
 
-class _ConvertedTerm(eqx.Module):
-    """A term whose vector field had its closed-over arrays hoisted into
+class _ConvertedField(eqx.Module):
+    """A function ``f(t, y, args)`` whose closed-over arrays were hoisted into
     ``consts`` (see `closure_convert_term`). Non-array leaves of ``args``
     (strings, flags, callables) stay static, baked into ``fn``."""
-
-    fn: object = eqx.field(static=True)
-    consts: tuple
-
-    def vf(self, t, y, args):
-        return self.fn(t, y, eqx.filter(args, eqx.is_array), *self.consts)
-
-
-def closure_convert_term(term, t0, y0, args):
-    """Hoist every array the vector field closes over (including the parameters
-    of an `eqx.Module` field and tracers of an outer transformation) into
-    explicit inputs, so that a custom derivative rule differentiates them
-    instead of silently treating them as constants."""
-    if isinstance(term, SDETerm):
-        return _closure_convert_sde(term, t0, y0, args)
-    args_dyn, args_static = eqx.partition(args, eqx.is_array)
-    if hasattr(term, "history"):
-        return _check_delay_closure(term, t0, y0, args_dyn, args_static)
-
-    def field(t, y, a):
-        return term.vf(t, y, eqx.combine(a, args_static))
-
-    fn, consts = jax.closure_convert(field, t0, y0, args_dyn)
-    return _ConvertedTerm(fn=fn, consts=tuple(consts))
-
-
-class _ConvertedField(eqx.Module):
-    """A function ``f(t, y, args)`` with its closed-over arrays in ``consts``."""
 
     fn: object = eqx.field(static=True)
     consts: tuple
@@ -75,17 +47,35 @@ class _ConvertedField(eqx.Module):
         return self.fn(t, y, eqx.filter(args, eqx.is_array), *self.consts)
 
 
-def _closure_convert_sde(term, t0, y0, args):
-    # Drift and diffusion are converted separately; the seed of the Brownian
-    # path stays a (non-differentiable, integer) leaf of the term.
+def _convert(f, t0, y0, args):
     args_dyn, args_static = eqx.partition(args, eqx.is_array)
+    fn, consts = jax.closure_convert(lambda t, y, a: f(t, y, eqx.combine(a, args_static)), t0, y0, args_dyn)
+    return _ConvertedField(fn=fn, consts=tuple(consts))
 
-    def convert(f):
-        fn, consts = jax.closure_convert(lambda t, y, a: f(t, y, eqx.combine(a, args_static)), t0, y0, args_dyn)
-        return _ConvertedField(fn=fn, consts=tuple(consts))
 
-    return SDETerm(convert(term.drift), convert(term.diffusion), term.noise, term.noise_dim,
-                   brownian_levels=term.brownian_levels, seed=term.seed)
+class _ConvertedTerm(eqx.Module):
+    """An ODE term whose vector field is a `_ConvertedField`."""
+
+    field: _ConvertedField
+
+    def vf(self, t, y, args):
+        return self.field(t, y, args)
+
+
+def closure_convert_term(term, t0, y0, args):
+    """Hoist every array the vector field closes over (including the parameters
+    of an `eqx.Module` field and tracers of an outer transformation) into
+    explicit inputs, so that a custom derivative rule differentiates them
+    instead of silently treating them as constants."""
+    if isinstance(term, SDETerm):
+        # Drift and diffusion are converted separately; the seed of the
+        # Brownian path stays a (non-differentiable, integer) leaf of the term.
+        return SDETerm(_convert(term.drift, t0, y0, args), _convert(term.diffusion, t0, y0, args), term.noise,
+                       term.noise_dim, brownian_levels=term.brownian_levels, seed=term.seed)
+    if hasattr(term, "history"):
+        args_dyn, args_static = eqx.partition(args, eqx.is_array)
+        return _check_delay_closure(term, t0, y0, args_dyn, args_static)
+    return _ConvertedTerm(field=_convert(term.vf, t0, y0, args))
 
 
 def _check_delay_closure(term, t0, y0, args_dyn, args_static):
