@@ -54,12 +54,16 @@ class PIController(eqx.Module):
     beta2: float = 0.4
 
     def factor(self, err, err_prev, accept, rejected_last, finite, k: int):
-        err = jnp.maximum(err, 1e-10)
-        pi = self.safety * err ** (-self.beta1 / k) * err_prev ** (self.beta2 / k)
-        pi = jnp.clip(pi, self.factor_min, self.factor_max)
-        pi = jnp.where(rejected_last, jnp.minimum(pi, 1.0), pi)
-        retry = jnp.clip(self.safety * err ** (-1.0 / k), self.factor_min, 1.0)
-        factor = jnp.where(accept, pi, retry)
+        # One exponential for both cases (a step's controller is scalar work
+        # on the critical path of every iteration).
+        log_err = jnp.log(jnp.maximum(err, 1e-10))
+        exponent = jnp.where(accept, (-self.beta1 / k) * log_err + (self.beta2 / k) * jnp.log(err_prev),
+                             (-1.0 / k) * log_err)
+        factor = self.safety * jnp.exp(exponent)
+        # Accepted: within [factor_min, factor_max], no growth right after a
+        # rejection; rejected: within [factor_min, 1].
+        upper = jnp.where(accept & ~rejected_last, self.factor_max, 1.0)
+        factor = jnp.clip(factor, self.factor_min, upper)
         return jnp.where(finite, factor, self.factor_min)
 
 

@@ -108,6 +108,9 @@ class LoopConfig(NamedTuple):
     #: Optional norm of the scaled error pytree (default: RMS over every
     #: element); the adjoint solve uses a mixed norm or seminorm.
     error_norm: Any = None
+    #: How many `jax.vmap` lanes the solve stands for (seen by `solve`; 1
+    #: outside `vmap`): adjoints size their buffers by it.
+    lanes: int = 1
 
 
 class _Core(NamedTuple):
@@ -331,7 +334,11 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
         ok = jnp.asarray(True) if info.ok is None else info.ok
         finite = all_finite(y1)
         if adaptive:
-            err = scaled_error(y_err, core.y, y1, rtol, atol, norm=config.error_norm).astype(time_dtype)
+            # Only the step-size sequence depends on the error, and it is not
+            # differentiated: no derivative is traced through the norm (whose
+            # square root has an infinite derivative at a zero error).
+            err = scaled_error(*lax.stop_gradient((y_err, core.y, y1)), rtol, atol,
+                               norm=config.error_norm).astype(time_dtype)
             finite = finite & jnp.isfinite(err)
             accept = ok & finite & (err <= 1.0)
             factor = controller.factor(err, core.err_prev, accept, core.rejected_last, finite, solver.error_order)
@@ -436,20 +443,38 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
 
     zero_y = jtu.tree_map(jnp.zeros_like, y0)
 
-    def save_branch(core):
-        i = core.save_idx
+    def no_step(core):
         t0, y_prev, coeffs = core.last
-        no_step = _Step(jnp.asarray(False), t0, core.t, y_prev, core.y, coeffs)
-        return core._replace(save_idx=i + 1), i, interpolate_last(core, s_save[i]), no_step
+        return core, _Step(jnp.asarray(False), t0, core.t, y_prev, core.y, coeffs)
 
-    def step_branch(core):
-        new_core, step = attempt_step(core)
-        last = _tree_where(step.accept, (step.t0, step.y0, step.coeffs), core.last)
-        return new_core._replace(last=last), jnp.asarray(n_save, jnp.int32), zero_y, step
+    def _rewind(core):
+        # A lane at the final time never takes the step computed here (it saves,
+        # or it is masked under `jax.vmap`), but the step is computed and
+        # differentiated with a zero cotangent: from the final time it would
+        # have length zero, whose partials may be inf/NaN (0/0 in a stochastic
+        # step) and turn that zero into NaN. Such a lane recomputes its last
+        # step instead, a step of nonzero length with finite partials.
+        at_end = core.t >= s_end
+        return _tree_where(at_end, core._replace(t=core.last[0], y=core.last[1]), core)
 
     def iteration(packed):
         core = _unpack(packed)
-        core, save_at, save_val, step = lax.cond(pending(core), save_branch, step_branch, core)
+        save = pending(core)
+        # The step is skipped when every lane saves. The predicate is unbatched
+        # (`unvmap_all`) on purpose: under `jax.vmap` a `cond` with a batched
+        # predicate becomes a `select` whose operands JAX guards with per-lane
+        # `stop_gradient`s, which broadcasts every operand -- the vector
+        # field's parameters included -- to one copy per lane (batched matrix
+        # products forward, one weight gradient per lane backward). Lanes that
+        # save beside lanes that step are selected here instead.
+        stepped, step = lax.cond(eqxi.unvmap_all(save), no_step, lambda c: attempt_step(_rewind(c)), core)
+        last = _tree_where(step.accept, (step.t0, step.y0, step.coeffs), core.last)
+        stepped = stepped._replace(last=last)
+        saved = core._replace(save_idx=core.save_idx + 1)
+        save_val = interpolate_last(core, s_save[jnp.minimum(core.save_idx, n_save - 1)])
+        core = _tree_where(save, saved, stepped)
+        save_at = jnp.where(save, core.save_idx - 1, n_save).astype(jnp.int32)
+        step = step._replace(accept=step.accept & ~save)
         return _pack(core), save_at, save_val, step
 
     def apply_writes(ys, dense, step_index, save_at, save_val, step):
@@ -488,15 +513,19 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
 
     def run_bounded():
         def skip(packed):
-            core = _unpack(packed)
-            t0, y_prev, coeffs = core.last
-            no_step = _Step(jnp.asarray(False), t0, core.t, y_prev, core.y, coeffs)
-            return packed, jnp.asarray(n_save, jnp.int32), zero_y, no_step
+            return packed, jnp.asarray(n_save, jnp.int32), zero_y, no_step(_unpack(packed))[1]
 
         # The guard is inside the checkpoint: the checkpoint's residuals are then
         # exactly its inputs, and scan hoists the loop-invariant ones (the
         # vector field's parameters) instead of storing them every iteration.
-        checkpointed = jax.checkpoint(lambda p: lax.cond(cond_fun(p), iteration, skip, p), prevent_cse=False)
+        def guarded(p):
+            # As in `iteration`: an unbatched predicate, and under `jax.vmap`
+            # the lanes that have finished are masked by selection.
+            active = cond_fun(p)
+            out = lax.cond(eqxi.unvmap_any(active), iteration, skip, p)
+            return _tree_where(active, out, skip(p))
+
+        checkpointed = jax.checkpoint(guarded, prevent_cse=False)
 
         def body_fun(carry):
             packed, ys, dense = carry
@@ -534,6 +563,7 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
 
     return Program(
         packed=_pack(core), ys=ys, dense=dense, n_save=n_save, max_iters=max_steps + n_save, throw=config.throw,
+        lanes=config.lanes,
         cond=cond_fun, iteration=iteration, apply_writes=apply_writes, report=lambda p: report(_unpack(p)),
         step_index=lambda p: _unpack(p).num_steps,
         start=start, finalize=finalize, run_while=run_while, run_bounded=run_bounded,
@@ -554,6 +584,7 @@ class Program(NamedTuple):
     n_save: int
     max_iters: int
     throw: bool
+    lanes: int
     cond: Any
     iteration: Any
     apply_writes: Any

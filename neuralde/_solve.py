@@ -97,12 +97,13 @@ def solve(
     return _solve_jit(
         term, solver, y0, t, args, sensitivity, rtol, atol, dt0,
         adaptive=adaptive, max_steps=int(max_steps), dense=bool(dense), throw=bool(throw),
-        progress=bool(progress),
+        progress=bool(progress), lanes=_vmap_lanes((y0, args)),
     )
 
 
 @eqx.filter_jit
-def _solve_jit(term, solver, y0, t, args, sensitivity, rtol, atol, dt0, *, adaptive, max_steps, dense, throw, progress):
+def _solve_jit(term, solver, y0, t, args, sensitivity, rtol, atol, dt0, *, adaptive, max_steps, dense, throw, progress,
+               lanes=1):
     time_dtype = _time_dtype(y0)
     ts = t.astype(time_dtype)
     _check_vector_field(term, ts[0], y0, args)
@@ -119,6 +120,7 @@ def _solve_jit(term, solver, y0, t, args, sensitivity, rtol, atol, dt0, *, adapt
         dense=dense,
         progress=progress,
         throw=throw,
+        lanes=lanes,
     )
 
     def build(inputs, **overrides):
@@ -133,6 +135,30 @@ def _solve_jit(term, solver, y0, t, args, sensitivity, rtol, atol, dt0, *, adapt
         ys, status = eqx.branched_error_if((ys, status), status != 0, status, status_messages())
     direction = jnp.where(ts[-1] >= ts[0], 1, -1).astype(time_dtype)
     return Solution(ts=ts, ys=ys, stats=stats, status=status, dense_history=history, direction=direction)
+
+
+def _vmap_lanes(tree) -> int:
+    """How many lanes of enclosing `jax.vmap`s the solve stands for (1 outside
+    `vmap`; the product over nested ones), read off the batching tracers of
+    ``y0`` and ``args``. Only buffer sizes depend on it. A `vmap` outside a
+    `jax.jit` that encloses the solve is not visible here (the jitted function
+    is traced for one lane): it counts 1."""
+    try:
+        from jax._src.interpreters.batching import BatchTracer
+    except ImportError:  # pragma: no cover - JAX internals moved
+        return 1
+    lanes = 1
+    for x in jtu.tree_leaves(tree):
+        n = 1
+        while isinstance(x, BatchTracer):
+            dim, val = getattr(x, "batch_dim", None), getattr(x, "val", None)
+            if val is None:  # pragma: no cover - JAX internals moved
+                break
+            if isinstance(dim, int):
+                n *= val.shape[dim]
+            x = val
+        lanes = max(lanes, n)
+    return lanes
 
 
 # --------------------------------------------------------------------- checks

@@ -106,16 +106,36 @@ def test_grad_of_vmap_equals_sum_of_per_sample(sensitivity):
 
 def test_checkpoint_memory_plan():
     small = nde.CheckpointAdjoint()
-    # Small states: every iteration is a checkpoint (no second recomputation).
-    assert small.segment_length(4197, carry_bytes=8 * 7 * 2) == 1
-    # A large state (16k x 64 floats): O(sqrt(iterations)) checkpoints, never
-    # max_steps copies of the state.
+    # A small state: every iteration is a checkpoint (stride 1, no recomputation).
+    assert small.plan(4197, carry_bytes=8 * 7 * 2) == (4197, 1)
+    # 256 vmap lanes of a small state: at most 4 MiB of checkpoints, and a
+    # stride that can still cover every iteration.
+    slots, stride = small.plan(4197, carry_bytes=100 * 256)
+    assert slots * 100 * 256 <= 4 * 2**20 and slots * stride >= 4197 and slots * stride // 2 < 4197
+    # A large state (16k x 64 floats): O(sqrt(iterations)) carries in all,
+    # never max_steps copies of the state.
     big = 8 * 7 * 16384 * 64
-    k = small.segment_length(4197, carry_bytes=big)
-    assert k == 65 and (4197 / k + k) * big < 4197 * big / 30
-    assert nde.CheckpointAdjoint(checkpoints=10).segment_length(100, 1) == 10
+    slots, stride = small.plan(4197, carry_bytes=big)
+    assert slots == 65 and stride == 128 and (slots + stride) * big < 4197 * big / 20
+    assert nde.CheckpointAdjoint(checkpoints=10).plan(100, 1) == (10, 16)
     with pytest.raises(ValueError, match=r"checkpoints=...\): expected a positive integer"):
         nde.CheckpointAdjoint(checkpoints=0)
+
+
+@pytest.mark.parametrize("checkpoints", [None, 2], ids=["every-iteration", "strided"])
+def test_vmapped_checkpoint_adjoint_matches_per_sample_reverse_mode(checkpoints):
+    # Under vmap the backward pass sums the shared parameters' cotangent over
+    # the lanes inside one batched VJP; with 2 slots the stride doubles until
+    # the solve fits, and every segment is recomputed. Lanes finish at
+    # different steps (different initial states).
+    loss = loss_fn(nde.Tsit5(), nde.CheckpointAdjoint(checkpoints=checkpoints), rtol=1e-9, atol=1e-9)
+    ref = loss_fn(nde.Tsit5(), nde.ReverseMode(), rtol=1e-9, atol=1e-9)
+    y0s = jnp.stack([Y0, 3 * Y0, -0.5 * Y0])
+    got = jax.jit(jax.grad(lambda y, a: jnp.sum(jax.vmap(loss, in_axes=(0, None))(y, a)), argnums=(0, 1)))(y0s, ARGS)
+    single = jax.jit(jax.grad(ref, argnums=(0, 1)))
+    per = [single(y0s[i], ARGS) for i in range(3)]
+    np.testing.assert_allclose(np.asarray(got[0]), np.stack([np.asarray(g[0]) for g in per]), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(got[1]), sum(np.asarray(g[1]) for g in per), rtol=1e-10, atol=1e-12)
 
 
 def test_default_sensitivity_is_checkpoint_adjoint():

@@ -13,9 +13,11 @@ import numpy as np
 
 from .base import AbstractSensitivity, closure_convert_term, zero_tangents
 
-# With checkpoints=None, store every iteration while that takes at most this
-# many bytes; beyond it, store O(sqrt(iterations)) checkpoints.
-_EVERY_STEP_BYTES = 32 * 2**20
+# With checkpoints=None, checkpoint every iteration while the buffer (every
+# `jax.vmap` lane's) takes at most _EVERY_STEP_BYTES; beyond it, as many slots
+# as fit in _SLOT_BYTES, and at least O(sqrt(iterations)).
+_EVERY_STEP_BYTES = 16 * 2**20
+_SLOT_BYTES = 4 * 2**20
 
 
 class CheckpointAdjoint(AbstractSensitivity):
@@ -34,14 +36,24 @@ class CheckpointAdjoint(AbstractSensitivity):
     floating array of the term (closed-over arrays included, by closure
     conversion).
 
-    Memory and work, with ``N = max_steps + len(t)`` (the bound on iterations)
-    and ``C`` checkpoints of one carry (about ``(degree + 3) * y.size``
-    numbers for the explicit solvers): ``C + N / C`` carries are stored, and
-    the backward pass recomputes the forward iterations once more. With
-    ``checkpoints=None``, ``C = N`` (every iteration, nothing recomputed
-    twice) while that needs at most 32 MiB, otherwise ``C = sqrt(N)``, so a
-    large state (a batch of 16k x 64 floats) never costs ``max_steps`` copies
-    of itself. Pass ``checkpoints=k`` to choose.
+    Memory and work: the forward loop keeps ``C`` checkpoint slots of one
+    carry each (about ``(degree + 3) * y.size`` numbers for the explicit
+    solvers). It checkpoints every iteration until the slots are full, then
+    drops every other checkpoint and goes on with every 2nd iteration, then
+    every 4th, ... (the stride ``S`` doubles). The backward pass recomputes
+    each segment of ``S`` iterations from its checkpoint (``S`` more carries)
+    and walks it in reverse. A solve that fits in ``C`` iterations is never
+    recomputed, and a longer one is recomputed once, whatever its number of
+    steps.
+
+    With ``checkpoints=None``, ``C = N = max_steps + len(t)`` (the bound on
+    iterations: every iteration, no stride) while the buffer takes at most 16
+    MiB, counting every lane of a `jax.vmap` that `solve` is called under;
+    otherwise as many slots as fit in 4 MiB, and at least ``sqrt(N)`` (a batch
+    of 16k x 64 floats never costs ``max_steps`` copies of itself). The
+    buffer is allocated whole at every call, and 256 lanes of ``N`` carries of
+    a small state (100 MB) would cost more to allocate than a short solve
+    costs to run. Pass ``checkpoints=C`` to choose.
 
     When the solve is not differentiated, it runs the fast save-driven while
     loop and stores nothing.
@@ -57,12 +69,23 @@ class CheckpointAdjoint(AbstractSensitivity):
             raise ValueError(f"CheckpointAdjoint(checkpoints=...): expected a positive integer or None; "
                              f"got {self.checkpoints!r}.")
 
-    def segment_length(self, max_iters: int, carry_bytes: int) -> int:
+    def plan(self, max_iters: int, carry_bytes: int):
+        """``(slots, max_stride)`` for a solve of at most ``max_iters``
+        iterations whose carry (all `jax.vmap` lanes together) takes
+        ``carry_bytes``: the number of checkpoint slots, and the largest stride
+        the forward loop can reach (``slots * max_stride >= max_iters``), which
+        sizes the backward pass's segment buffer."""
+        max_iters = max(1, int(max_iters))
         if self.checkpoints is not None:
-            return max(1, math.ceil(max_iters / min(self.checkpoints, max_iters)))
-        if max_iters * carry_bytes <= _EVERY_STEP_BYTES:
-            return 1
-        return max(1, math.ceil(math.sqrt(max_iters)))
+            slots = min(int(self.checkpoints), max_iters)
+        elif max_iters * carry_bytes <= _EVERY_STEP_BYTES:
+            slots = max_iters
+        else:
+            slots = min(max_iters, max(math.ceil(math.sqrt(max_iters)), _SLOT_BYTES // max(carry_bytes, 1)))
+        max_stride = 1
+        while slots * max_stride < max_iters:
+            max_stride *= 2
+        return slots, max_stride
 
     def run(self, build, inputs):
         term, y0, args, ts, *rest = inputs
@@ -78,124 +101,102 @@ class CheckpointAdjoint(AbstractSensitivity):
 
         def fwd(d):
             prog = program(d)
-            n_max = prog.max_iters
-            carry_bytes = sum(x.size * x.dtype.itemsize for x in jtu.tree_leaves(prog.packed))
-            seg = self.segment_length(n_max, carry_bytes)
-            n_ckpt = math.ceil(n_max / seg)
-            ckpts = jtu.tree_map(lambda x: jnp.zeros((n_ckpt,) + x.shape, x.dtype), prog.packed)
+            slots, _ = self.plan(prog.max_iters, _carry_bytes(prog.packed) * prog.lanes)
+            ckpts = jtu.tree_map(lambda x: jnp.zeros((slots,) + x.shape, x.dtype), prog.packed)
+
+            def compact(state):
+                # Full: keep every other checkpoint, double the stride.
+                ckpts, stride = state
+                half = (slots + 1) // 2
+                return jtu.tree_map(lambda b: jnp.concatenate([b[0::2], b[half:]]), ckpts), 2 * stride
 
             def body(c):
-                # ``it`` counts the loop's iterations; it stays unbatched under
-                # `jax.vmap` (the loop runs while any lane is active, see
-                # `_masked_iteration`), so the checkpoint writes are in place.
-                packed, ys, dense, it, ckpts = c
-                slot = jnp.minimum(it // seg, n_ckpt - 1)
-                if seg == 1:  # every iteration is a checkpoint
-                    keep = lambda b, x: x  # noqa: E731
-                else:
-                    keep = lambda b, x: jnp.where(  # noqa: E731
-                        it % seg == 0, x, lax.dynamic_index_in_dim(b, slot, 0, keepdims=False))
-                ckpts = jtu.tree_map(lambda b, x: lax.dynamic_update_index_in_dim(b, keep(b, x), slot, 0), ckpts, packed)
+                # ``it`` counts the loop's iterations; it and ``stride`` stay
+                # unbatched under `jax.vmap` (the loop runs while any lane is
+                # active, see `_masked_iteration`): the writes are in place and
+                # the compaction is a real branch.
+                packed, ys, dense, it, stride, ckpts = c
+                due = it % stride == 0
+                ckpts, stride = lax.cond(due & (it // stride >= slots), compact, lambda st: st, (ckpts, stride))
+                due = it % stride == 0
+                slot = jnp.minimum(it // stride, slots - 1)
+                ckpts = jtu.tree_map(
+                    lambda b, x: lax.dynamic_update_index_in_dim(
+                        b, jnp.where(due, x, lax.dynamic_index_in_dim(b, slot, 0, keepdims=False)), slot, 0),
+                    ckpts, packed)
                 step_index = prog.step_index(packed)
                 packed, save_at, save_val, step = _masked_iteration(prog, packed)
                 ys, dense = prog.apply_writes(ys, dense, step_index, save_at, save_val, step)
                 prog.report(packed)
-                return packed, ys, dense, it + 1, ckpts
+                return packed, ys, dense, it + 1, stride, ckpts
 
             prog.start()
-            packed, ys, dense, n_iter, ckpts = lax.while_loop(
+            one = jnp.asarray(1, jnp.int32)
+            packed, ys, dense, n_iter, stride, ckpts = lax.while_loop(
                 lambda c: eqxi.unvmap_any(prog.cond(c[0])), body,
-                (prog.packed, prog.ys, prog.dense, jnp.asarray(0, jnp.int32), ckpts)
+                (prog.packed, prog.ys, prog.dense, jnp.asarray(0, jnp.int32), one, ckpts)
             )
             out = prog.finalize(packed, ys, dense)
-            return out, (d, ckpts, n_iter)
+            return out, (d, ckpts, n_iter, stride)
 
         def bwd(res, ct_out):
-            d, ckpts, n_iter = res
+            d, ckpts, n_iter, stride = res
             (ct_ys, ct_hist), _ = ct_out
             prog = program(d)
             n_save = prog.n_save
-            carry_bytes = sum(x.size * x.dtype.itemsize for x in jtu.tree_leaves(prog.packed))
-            seg = self.segment_length(prog.max_iters, carry_bytes)
-            n_ckpt = jtu.tree_leaves(ckpts)[0].shape[0]
+            _, max_stride = self.plan(prog.max_iters, _carry_bytes(prog.packed) * prog.lanes)
             dense = prog.dense is not None
             max_steps = prog.max_iters - n_save
 
-            def iterate(packed, d):
-                return _masked_iteration(program(d), packed)
+            # The initial carry: a lane that has finished replays its iteration
+            # from here instead of from its final state (see `_back_step`).
+            first = jtu.tree_map(lambda b: b[0], ckpts)
+            back_step = _back_step(program, prog, n_save, max_steps, dense)
 
             def one_back(packed, ct_packed, ct_d):
-                step_index = prog.step_index(packed)
-                (_, save_at, _, step), vjp_fn = jax.vjp(iterate, packed, d)
-                ok_save = save_at < n_save
-                ct_save = jtu.tree_map(
-                    lambda c: jnp.where(ok_save, c[jnp.minimum(save_at, n_save - 1)], 0).astype(c.dtype), ct_ys
-                )
-                if dense:
-                    ok = step.accept & (step_index < max_steps)
-                    i = jnp.minimum(step_index, max_steps - 1)
-                    ct_step = step._replace(
-                        accept=zero_tangents(step.accept),
-                        t0=jnp.zeros_like(step.t0),
-                        t1=jnp.where(ok, ct_hist.ts[i + 1], 0).astype(step.t1.dtype),
-                        y0=jtu.tree_map(lambda c: jnp.where(ok, c[i], 0).astype(c.dtype), ct_hist.y0s),
-                        y1=jtu.tree_map(jnp.zeros_like, step.y1),
-                        coeffs=jtu.tree_map(lambda c: jnp.where(ok, c[i], 0).astype(c.dtype), ct_hist.coeffs),
-                    )
-                else:
-                    ct_step = zero_tangents(step)
-                ct_p, ct_dd = vjp_fn((ct_packed, zero_tangents(save_at), ct_save, ct_step))
-                # A masked (finished) lane passes its carry through unchanged. Its
-                # discarded iteration may still have made inf/NaN partials (a step
-                # of length zero), which a zero cotangent turns into NaN: select
-                # the pass-through cotangent instead of relying on 0 * inf.
-                active = prog.cond(packed)
-                ct_p = jtu.tree_map(lambda a, b: a if _is_float0(a) else jnp.where(active, a, b), ct_p, ct_packed)
-                ct_dd = jtu.tree_map(lambda a: a if _is_float0(a) else jnp.where(active, a, jnp.zeros_like(a)), ct_dd)
+                ct_p, ct_dd = back_step(packed, ct_packed, d, ct_ys, ct_hist, first)
                 return ct_p, jtu.tree_map(_add, ct_d, ct_dd)
 
-            def single(c):
-                # Every iteration was checkpointed: one VJP per loop iteration,
-                # no recomputation, no inner loop or guard.
-                k, ct_packed, ct_d = c
-                p = jtu.tree_map(lambda b: b[k], ckpts)
-                return (k - 1, *one_back(p, ct_packed, ct_d))
+            def back(c):
+                # Iteration ``i`` (from the last to the first). It lies in
+                # segment ``k = i // stride`` of checkpoint ``k``; entering a
+                # segment (at its last iteration) recomputes its carries from
+                # the checkpoint, unless the stride is 1 (every iteration is a
+                # checkpoint).
+                i, ct_packed, ct_d, carries = c
+                if max_stride == 1:
+                    p = jtu.tree_map(lambda b: b[i], ckpts)
+                    return (i - 1, *one_back(p, ct_packed, ct_d), carries)
+                k = i // stride
+                j = i - k * stride
+                count = jnp.minimum(stride, n_iter - k * stride)
 
-            def segment(c):
-                k, ct_packed, ct_d = c
-                first = k * seg
-                count = jnp.minimum(seg, n_iter - first)
-                start = jtu.tree_map(lambda b: b[k], ckpts)
+                def recompute(carries):
+                    start = jtu.tree_map(lambda b: b[k], ckpts)
+                    carries = jtu.tree_map(lambda b, x: lax.dynamic_update_index_in_dim(b, x, 0, 0), carries, start)
 
-                def recompute(p, j):
-                    nxt = lax.cond(j < count, lambda q: _masked_iteration(prog, q)[0], lambda q: q, p)
-                    return nxt, p
+                    def fill(m, bufs):
+                        nxt = _masked_iteration(prog, jtu.tree_map(lambda b: b[m], bufs))[0]
+                        return jtu.tree_map(lambda b, x: lax.dynamic_update_index_in_dim(b, x, m + 1, 0), bufs, nxt)
 
-                if seg == 1:
-                    # Every iteration was checkpointed: nothing to recompute.
-                    carries = jtu.tree_map(lambda x: x[None], start)
-                else:
-                    _, carries = lax.scan(recompute, start, jnp.arange(seg))
+                    return lax.fori_loop(0, count - 1, fill, carries)
 
-                def back(j, c2):
-                    jj = seg - 1 - j
+                def strided(carries):
+                    carries = lax.cond(j == count - 1, recompute, lambda b: b, carries)
+                    return jtu.tree_map(lambda b: b[j], carries), carries
 
-                    def run(c2):
-                        p = jtu.tree_map(lambda b: b[jj], carries)
-                        return one_back(p, *c2)
+                p, carries = lax.cond(stride == 1, lambda b: (jtu.tree_map(lambda c: c[i], ckpts), b), strided,
+                                      carries)
+                return (i - 1, *one_back(p, ct_packed, ct_d), carries)
 
-                    return lax.cond(jj < count, run, lambda c2: c2, c2)
-
-                ct_packed, ct_d = lax.fori_loop(0, seg, back, (ct_packed, ct_d))
-                return k - 1, ct_packed, ct_d
-
-            n_seg = (n_iter + seg - 1) // seg
             ct_packed0 = zero_tangents(prog.packed)
             ct_d0 = zero_tangents(d)
-            _, ct_packed, ct_d = lax.while_loop(
-                lambda c: c[0] >= 0, single if seg == 1 else segment,
-                (jnp.minimum(n_seg, n_ckpt) - 1, ct_packed0, ct_d0),
-            )
+            # The carries of the segment being walked: one buffer for the pass.
+            carries0 = jtu.tree_map(lambda x: jnp.zeros((max_stride,) + x.shape, x.dtype), first)
+            if max_stride == 1:
+                carries0 = None
+            _, ct_packed, ct_d, _ = lax.while_loop(
+                lambda c: c[0] >= 0, back, (n_iter - 1, ct_packed0, ct_d0, carries0))
 
             # The initial carry, the first saved value (y0 itself) and the
             # first step boundary depend on the inputs directly.
@@ -212,6 +213,55 @@ class CheckpointAdjoint(AbstractSensitivity):
 
         solve.defvjp(fwd, bwd)
         return solve(dyn)
+
+
+
+def _back_step(program, prog, n_save, max_steps, dense):
+    """``(packed, ct_packed, d, ct_ys, ct_hist, first) -> (ct_packed_in, ct_d)``:
+    the cotangents of one iteration's inputs from those of its outputs.
+
+    A lane whose condition is false (finished, or masked under `jax.vmap`)
+    passes its cotangent through. Its iteration is replayed from the initial
+    carry ``first`` with zero cotangents, never from its final state: a step of
+    length zero there may have non-finite partials (0/0 in a stochastic step),
+    which a zero cotangent would turn into NaN.
+    """
+
+    def out_cotangents(save_at, step, step_index, ct_packed, ct_ys, ct_hist, active):
+        ok_save = active & (save_at < n_save)
+        ct_save = jtu.tree_map(
+            lambda c: jnp.where(ok_save, c[jnp.minimum(save_at, n_save - 1)], 0).astype(c.dtype), ct_ys)
+        if dense:
+            ok = active & step.accept & (step_index < max_steps)
+            i = jnp.minimum(step_index, max_steps - 1)
+            ct_step = step._replace(
+                accept=zero_tangents(step.accept),
+                t0=jnp.zeros_like(step.t0),
+                t1=jnp.where(ok, ct_hist.ts[i + 1], 0).astype(step.t1.dtype),
+                y0=jtu.tree_map(lambda c: jnp.where(ok, c[i], 0).astype(c.dtype), ct_hist.y0s),
+                y1=jtu.tree_map(jnp.zeros_like, step.y1),
+                coeffs=jtu.tree_map(lambda c: jnp.where(ok, c[i], 0).astype(c.dtype), ct_hist.coeffs),
+            )
+        else:
+            ct_step = zero_tangents(step)
+        ct_new = jtu.tree_map(lambda c: jnp.where(active, c, jnp.zeros_like(c)), ct_packed)
+        return ct_new, zero_tangents(save_at), ct_save, ct_step
+
+    def back(packed, ct_packed, d, ct_ys, ct_hist, first):
+        active = prog.cond(packed)
+        safe = jtu.tree_map(lambda a, b: jnp.where(active, a, b), packed, first)
+        step_index = prog.step_index(safe)
+        (_, save_at, _, step), vjp_fn = jax.vjp(lambda p, dd: _masked_iteration(program(dd), p), safe, d)
+        ct_p, ct_d = vjp_fn(out_cotangents(save_at, step, step_index, ct_packed, ct_ys, ct_hist, active))
+        ct_p = jtu.tree_map(lambda a, b: a if _is_float0(a) else jnp.where(active, a, b), ct_p, ct_packed)
+        return ct_p, ct_d
+
+    return back
+
+
+def _carry_bytes(packed) -> int:
+    """Bytes of one loop carry of one lane."""
+    return sum(x.size * x.dtype.itemsize for x in jtu.tree_leaves(packed))
 
 
 def _masked_iteration(prog, packed):
