@@ -104,7 +104,8 @@ def test_dense_output_gradients():
 
         return f
 
-    for a, b in zip(grad(loss(nde.BacksolveAdjoint())), grad(loss(nde.ReverseMode()))):
+    # Reference: ReverseMode at the same tolerance (dense output does not change the saved states).
+    for a, b in zip(grad(loss(nde.BacksolveAdjoint())), shared_grad("Tsit5", "reverse", 1e-9)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
 
 
