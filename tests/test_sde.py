@@ -280,10 +280,8 @@ def test_neural_sde_ensemble_grad():
         return jnp.mean(jnp.sum(nde.ensemble.ensemble_mean(ys) ** 2, axis=-1))
 
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    # One compilation: the finite differences use the values of the compiled value-and-gradient.
-    value_and_grad = jax.jit(jax.value_and_grad(lambda p: loss(eqx.combine(p, static))))
-    f = lambda p: value_and_grad(p)[0]  # noqa: E731
-    g = value_and_grad(params)[1]
+    f = jax.jit(lambda p: loss(eqx.combine(p, static)))
+    g = jax.jit(jax.grad(lambda p: loss(eqx.combine(p, static))))(params)
     leaves, treedef = jax.tree_util.tree_flatten(g)
     direction = [jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(leaves)]
     dir_tree = jax.tree_util.tree_unflatten(treedef, direction)
