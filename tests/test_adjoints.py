@@ -68,6 +68,15 @@ def shared_grad(solver_name, sensitivity_name, step, y0=Y0, args=ARGS):
     return compiled_grad(solver_name, sensitivity_name, jnp.dtype(y0.dtype))(y0, args, step)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled(request):
+    """Drop the shared compiled functions when this module is done: kept alive for the rest of the
+    session, their executables (with everything else compiled in the run) aborted XLA in a later
+    module's compilation."""
+    yield
+    compiled_grad.cache_clear()
+
+
 @pytest.mark.parametrize("name", list(FIXED) + list(ADAPTIVE))
 def test_checkpoint_equals_reverse_every_solver(name):
     step = 0.05 if name in FIXED else 1e-8  # dt0 or rtol = atol

@@ -235,6 +235,15 @@ def _grad_loss(sensitivity):
 GRAD_FNS = {name: jax.jit(jax.value_and_grad(_grad_loss(s), argnums=(0, 1))) for name, s in SENSITIVITIES.items()}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled(request):
+    """Drop the shared compiled functions when this module is done: kept alive for the rest of the
+    session, their executables (with everything else compiled in the run) aborted XLA in a later
+    module's compilation."""
+    yield
+    GRAD_FNS.clear()
+
+
 @pytest.fixture(scope="module")
 def grad_fd():
     loss = lambda args, y0: GRAD_FNS["reverse"](args, y0)[0]  # noqa: E731
