@@ -1,5 +1,7 @@
 """CheckpointAdjoint and BacksolveAdjoint: every solver, dense output, float32,
 batching, and the memory plan of the checkpoints."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,12 +40,48 @@ def grad(loss, y0=Y0, args=ARGS):
     return jax.jit(jax.grad(loss, argnums=(0, 1)))(y0, args)
 
 
+SOLVERS = {**FIXED, **ADAPTIVE}
+SENSITIVITIES = {
+    "reverse": nde.ReverseMode(),
+    "forward": nde.ForwardMode(),
+    "checkpoint": nde.CheckpointAdjoint(),
+    "checkpoint-4": nde.CheckpointAdjoint(checkpoints=4),
+    "backsolve": nde.BacksolveAdjoint(),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_grad(solver_name, sensitivity_name, dtype=jnp.float64):
+    """The jitted gradient w.r.t. (y0, args) of the weighted-sum loss, with the step (fixed-step
+    solvers: ``dt0``) or the tolerance (adaptive: ``rtol = atol``) as a traced argument, so that
+    the tests below share one compilation per (solver, sensitivity, dtype)."""
+    solver, sensitivity = SOLVERS[solver_name], SENSITIVITIES[sensitivity_name]
+
+    def loss(y0, args, step):
+        kw = {"dt0": step} if solver_name in FIXED else {"rtol": step, "atol": step}
+        return loss_fn(solver, sensitivity, dtype, **kw)(y0, args)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
+def shared_grad(solver_name, sensitivity_name, step, y0=Y0, args=ARGS):
+    return compiled_grad(solver_name, sensitivity_name, jnp.dtype(y0.dtype))(y0, args, step)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled(request):
+    """Drop the shared compiled functions when this module is done: kept alive for the rest of the
+    session, their executables (with everything else compiled in the run) aborted XLA in a later
+    module's compilation."""
+    yield
+    compiled_grad.cache_clear()
+
+
 @pytest.mark.parametrize("name", list(FIXED) + list(ADAPTIVE))
 def test_checkpoint_equals_reverse_every_solver(name):
-    solver = {**FIXED, **ADAPTIVE}[name]
-    kw = {"dt0": 0.05} if name in FIXED else {"rtol": 1e-8, "atol": 1e-8}
-    ref = grad(loss_fn(solver, nde.ReverseMode(), **kw))
-    got = grad(loss_fn(solver, nde.CheckpointAdjoint(checkpoints=4), **kw))
+    step = 0.05 if name in FIXED else 1e-8  # dt0 or rtol = atol
+    ref = shared_grad(name, "reverse", step)
+    got = shared_grad(name, "checkpoint-4", step)
     for a, b in zip(got, ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-11, atol=1e-13)
 
@@ -52,10 +90,9 @@ def test_checkpoint_equals_reverse_every_solver(name):
 def test_backsolve_every_solver_kind(name):
     # The continuous adjoint converges to the exact gradient with the solver's
     # accuracy (RK4: fixed steps, Tsit5: adaptive).
-    solver = {**FIXED, **ADAPTIVE}[name]
-    kw = {"dt0": 0.01} if name in FIXED else {"rtol": 1e-10, "atol": 1e-10}
-    ref = grad(loss_fn(solver, nde.ReverseMode(), **kw))
-    got = grad(loss_fn(solver, nde.BacksolveAdjoint(), **kw))
+    step = 0.01 if name in FIXED else 1e-10  # dt0 or rtol = atol
+    ref = shared_grad(name, "reverse", step)
+    got = shared_grad(name, "backsolve", step)
     for a, b in zip(got, ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-7, atol=1e-9)
 
@@ -76,31 +113,27 @@ def test_dense_output_gradients():
 
         return f
 
-    for a, b in zip(grad(loss(nde.BacksolveAdjoint())), grad(loss(nde.ReverseMode()))):
+    # Reference: ReverseMode at the same tolerance (dense output does not change the saved states).
+    for a, b in zip(grad(loss(nde.BacksolveAdjoint())), shared_grad("Tsit5", "reverse", 1e-9)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("sensitivity", [nde.CheckpointAdjoint(), nde.BacksolveAdjoint()], ids=["checkpoint", "backsolve"])
+@pytest.mark.parametrize("sensitivity", ["checkpoint", "backsolve"])
 def test_float32(sensitivity):
     y0, args = Y0.astype(jnp.float32), ARGS.astype(jnp.float32)
-    ref = grad(loss_fn(nde.Tsit5(), nde.ReverseMode(), jnp.float32, rtol=1e-5, atol=1e-5), y0, args)
-    got = grad(loss_fn(nde.Tsit5(), sensitivity, jnp.float32, rtol=1e-5, atol=1e-5), y0, args)
+    ref = shared_grad("Tsit5", "reverse", jnp.float32(1e-5), y0, args)
+    got = shared_grad("Tsit5", sensitivity, jnp.float32(1e-5), y0, args)
     for a, b in zip(got, ref):
         assert a.dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=2e-4)
 
 
-@pytest.mark.parametrize(
-    "sensitivity",
-    [nde.CheckpointAdjoint(), nde.BacksolveAdjoint(), nde.ReverseMode(), nde.ForwardMode()],
-    ids=["checkpoint", "backsolve", "reverse", "forward"],
-)
+@pytest.mark.parametrize("sensitivity", ["checkpoint", "backsolve", "reverse", "forward"])
 def test_grad_of_vmap_equals_sum_of_per_sample(sensitivity):
-    loss = loss_fn(nde.Tsit5(), sensitivity, rtol=1e-9, atol=1e-9)
+    loss = loss_fn(nde.Tsit5(), SENSITIVITIES[sensitivity], rtol=1e-9, atol=1e-9)
     y0s = jnp.stack([Y0, 2 * Y0, -Y0])
     batched = jax.jit(jax.grad(lambda a: jnp.sum(jax.vmap(loss, in_axes=(0, None))(y0s, a))))(ARGS)
-    single = jax.jit(jax.grad(loss, argnums=1))
-    total = sum(np.asarray(single(y0s[i], ARGS)) for i in range(3))
+    total = sum(np.asarray(shared_grad("Tsit5", sensitivity, 1e-9, y0s[i])[1]) for i in range(3))
     np.testing.assert_allclose(np.asarray(batched), total, rtol=1e-10)
 
 
@@ -144,7 +177,7 @@ def test_default_sensitivity_is_checkpoint_adjoint():
     default = inspect.signature(nde.solve).parameters["sensitivity"].default
     assert isinstance(default, nde.CheckpointAdjoint)
     # And the default matches ReverseMode to round-off.
-    ref = grad(loss_fn(nde.Tsit5(), nde.ReverseMode()))
+    ref = shared_grad("Tsit5", "reverse", 1e-6)  # solve's default rtol = atol
 
     def loss(y0, args):
         sol = nde.solve(nde.ODETerm(decay_rotation), nde.Tsit5(), y0, TS, args=args)

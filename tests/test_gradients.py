@@ -30,12 +30,27 @@ SENSITIVITIES = {
 
 
 def make_loss(sensitivity, rtol=1e-10):
-    def loss(u0, p):
-        sol = nde.solve(nde.ODETerm(lotka_volterra), nde.Tsit5(), u0, TS, args=p, rtol=rtol, atol=rtol,
+    def loss(u0, p, tol=rtol):
+        # `tol` may be a traced argument: one compiled gradient serves every tolerance.
+        sol = nde.solve(nde.ODETerm(lotka_volterra), nde.Tsit5(), u0, TS, args=p, rtol=tol, atol=tol,
                         sensitivity=sensitivity)
         return jnp.sum(WEIGHTS * sol.ys)
 
     return loss
+
+
+# One compiled gradient w.r.t. (u0, p) per sensitivity, the tolerance an argument (compilation,
+# not the solve, is what these tests cost on a small CPU).
+GRAD_FNS = {name: jax.jit(jax.grad(make_loss(s), argnums=(0, 1))) for name, s in SENSITIVITIES.items()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled(request):
+    """Drop the shared compiled functions when this module is done: kept alive for the rest of the
+    session, their executables (with everything else compiled in the run) aborted XLA in a later
+    module's compilation."""
+    yield
+    GRAD_FNS.clear()
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +73,7 @@ def fd_reference():
 
 @pytest.fixture(scope="module")
 def grads():
-    return {name: jax.jit(jax.grad(make_loss(s), argnums=(0, 1)))(U0, P) for name, s in SENSITIVITIES.items()}
+    return {name: GRAD_FNS[name](U0, P, 1e-10) for name in SENSITIVITIES}
 
 
 @pytest.mark.parametrize("name", list(SENSITIVITIES))
@@ -89,9 +104,9 @@ def test_vmap_of_grad_equals_per_sample(name):
     loss = make_loss(SENSITIVITIES[name], rtol=1e-8)
     ps = jnp.stack([P, P * 1.1, P * 0.9])
     batched = jax.jit(jax.vmap(jax.grad(loss, argnums=1), in_axes=(None, 0)))(U0, ps)
-    single = jax.jit(jax.grad(loss, argnums=1))
-    for i in range(3):
-        np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(single(U0, ps[i])), rtol=1e-10)
+    for i in range(3):  # the unbatched gradient at the same tolerance, from the shared compiled function
+        single = GRAD_FNS[name](U0, ps[i], 1e-8)[1]
+        np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(single), rtol=1e-10)
 
 
 def test_grad_wrt_final_time():
@@ -112,30 +127,43 @@ class MLPField(eqx.Module):
         return jnp.tanh(self.mlp(y)) - 0.5 * y
 
 
-@pytest.mark.parametrize("name", list(SENSITIVITIES))
-def test_neural_field_parameters(name):
-    field = MLPField(eqx.nn.MLP(2, 2, width_size=8, depth=1, activation=jnp.tanh, key=jr.PRNGKey(0)))
-    ts = jnp.linspace(0.0, 1.0, 5)
+NEURAL_TS = jnp.linspace(0.0, 1.0, 5)
+FD_INDICES = [(layer, idx) for layer in (0, 1) for idx in [(0, 0), (1, 1)]]
 
-    def loss(field):
-        sol = nde.solve(nde.ODETerm(field), nde.Tsit5(), U0, ts, rtol=1e-10, atol=1e-10,
-                        sensitivity=SENSITIVITIES[name])
-        return jnp.sum(sol.ys**2)
 
-    grads = eqx.filter_jit(eqx.filter_grad(loss))(field)
-    # Central differences on a few weights of each layer.
-    f = eqx.filter_jit(loss)
+def neural_field():
+    return MLPField(eqx.nn.MLP(2, 2, width_size=8, depth=1, activation=jnp.tanh, key=jr.PRNGKey(0)))
+
+
+def neural_loss(field, sensitivity):
+    sol = nde.solve(nde.ODETerm(field), nde.Tsit5(), U0, NEURAL_TS, rtol=1e-10, atol=1e-10, sensitivity=sensitivity)
+    return jnp.sum(sol.ys**2)
+
+
+@pytest.fixture(scope="module")
+def neural_fd():
+    """Central differences on a few weights of each layer. The forward solve does not depend on
+    the sensitivity method, so one compiled loss gives the reference for all of them."""
+    field = neural_field()
+    f = eqx.filter_jit(lambda field: neural_loss(field, nde.CheckpointAdjoint()))
     h = 1e-6
-    for layer in (0, 1):
+    fd = {}
+    for layer, idx in FD_INDICES:
         w = field.mlp.layers[layer].weight
-        got = np.asarray(grads.mlp.layers[layer].weight)
-        for idx in [(0, 0), (1, 1)]:
-            def shifted(delta):
-                new_w = w.at[idx].add(delta)
-                return eqx.tree_at(lambda m: m.mlp.layers[layer].weight, field, new_w)
 
-            fd = (float(f(shifted(h))) - float(f(shifted(-h)))) / (2 * h)
-            assert abs(got[idx] - fd) <= 1e-6 * max(1.0, abs(fd)), (layer, idx, got[idx], fd)
+        def shifted(delta):
+            return eqx.tree_at(lambda m: m.mlp.layers[layer].weight, field, w.at[idx].add(delta))
+
+        fd[layer, idx] = (float(f(shifted(h))) - float(f(shifted(-h)))) / (2 * h)
+    return fd
+
+
+@pytest.mark.parametrize("name", list(SENSITIVITIES))
+def test_neural_field_parameters(name, neural_fd):
+    grads = eqx.filter_jit(eqx.filter_grad(lambda field: neural_loss(field, SENSITIVITIES[name])))(neural_field())
+    for (layer, idx), fd in neural_fd.items():
+        got = float(grads.mlp.layers[layer].weight[idx])
+        assert abs(got - fd) <= 1e-6 * max(1.0, abs(fd)), (layer, idx, got, fd)
 
 
 def test_forward_mode_closure_over_traced_value():

@@ -230,9 +230,23 @@ def _grad_loss(sensitivity):
     return loss
 
 
+# One compiled value-and-gradient per sensitivity; the finite differences use the values of
+# ReverseMode's (the gradients they also compute are discarded: cheaper than compiling the loss again).
+GRAD_FNS = {name: jax.jit(jax.value_and_grad(_grad_loss(s), argnums=(0, 1))) for name, s in SENSITIVITIES.items()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled(request):
+    """Drop the shared compiled functions when this module is done: kept alive for the rest of the
+    session, their executables (with everything else compiled in the run) aborted XLA in a later
+    module's compilation."""
+    yield
+    GRAD_FNS.clear()
+
+
 @pytest.fixture(scope="module")
 def grad_fd():
-    loss = jax.jit(_grad_loss(nde.CheckpointAdjoint()))
+    loss = lambda args, y0: GRAD_FNS["reverse"](args, y0)[0]  # noqa: E731
     args, y0, h = jnp.array([0.5, 0.3]), GRAD_Y0, 1e-6
     fd_args = [(loss(args + h * e, y0) - loss(args - h * e, y0)) / (2 * h) for e in jnp.eye(2)]
     fd_y0 = [(loss(args, y0 + h * e) - loss(args, y0 - h * e)) / (2 * h) for e in jnp.eye(2)]
@@ -246,7 +260,7 @@ def test_gradients_match_finite_differences(name, grad_fd):
     backward passes regenerate the same path). SRIW1 is checked the same way
     through NeuralSDE below."""
     args, y0 = jnp.array([0.5, 0.3]), GRAD_Y0
-    g_args, g_y0 = jax.jit(jax.grad(_grad_loss(SENSITIVITIES[name]), argnums=(0, 1)))(args, y0)
+    _, (g_args, g_y0) = GRAD_FNS[name](args, y0)
     fd_args, fd_y0 = grad_fd
     np.testing.assert_allclose(g_args, fd_args, rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(g_y0, fd_y0, rtol=1e-6, atol=1e-8)
@@ -298,16 +312,19 @@ def test_vmapped_adaptive_gradient_equals_per_path_gradients():
     ts = jnp.linspace(0.0, 1.0, 3)
 
     def path_loss(a, key):
-        ys = nde.solve(term, nde.SRIW1(), jnp.array([0.3]), ts, args=a, key=key, rtol=1e-2, atol=1e-2).ys
-        return jnp.sum(ys[-1] ** 2)
+        sol = nde.solve(term, nde.SRIW1(), jnp.array([0.3]), ts, args=a, key=key, rtol=1e-2, atol=1e-2)
+        return jnp.sum(sol.ys[-1] ** 2), sol.stats["num_steps"]
 
     keys = jax.random.split(jax.random.key(3), 4)
     a = jnp.asarray(1.5)
-    batched = jax.jit(jax.grad(lambda a: jnp.sum(jax.vmap(path_loss, in_axes=(None, 0))(a, keys))))(a)
-    single = jax.jit(jax.grad(path_loss))
+
+    def batched_loss(a):  # the step counts of the vmapped solves come out of the differentiated computation
+        losses, steps = jax.vmap(path_loss, in_axes=(None, 0))(a, keys)
+        return jnp.sum(losses), steps
+
+    batched, steps = jax.jit(jax.grad(batched_loss, has_aux=True))(a)
+    single = jax.jit(jax.grad(lambda a, k: path_loss(a, k)[0]))
     per_path = sum(float(single(a, k)) for k in keys)
-    steps = jax.vmap(lambda k: nde.solve(term, nde.SRIW1(), jnp.array([0.3]), ts, args=a, key=k, rtol=1e-2,
-                                         atol=1e-2).stats["num_steps"])(keys)
     assert len(set(np.asarray(steps).tolist())) > 1, steps  # the lanes really finish at different iterations
     assert np.isfinite(float(batched))
     # Not to round-off: batched arithmetic rounds differently, and at rtol 1e-2 that can flip an
