@@ -14,6 +14,7 @@ re-running it would leave a stale notebook).
 """
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import pathlib
@@ -157,9 +158,16 @@ def test_notebooks_found():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_in_quick_mode(path, monkeypatch):
     namespace = run_notebook(path, monkeypatch)
-    assert namespace["QUICK"] is True
-    if path.stem in CHECKS:
-        CHECKS[path.stem](namespace)
+    try:
+        assert namespace["QUICK"] is True
+        if path.stem in CHECKS:
+            CHECKS[path.stem](namespace)
+    finally:
+        # The namespace holds reference cycles to compiled executables (each
+        # with its memory mappings); a full run once neared the process's
+        # mapping limit. Release them now rather than at some later collection.
+        namespace.clear()
+        gc.collect()
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
