@@ -457,12 +457,27 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
         at_end = core.t >= s_end
         return _tree_where(at_end, core._replace(t=core.last[0], y=core.last[1]), core)
 
+    def save_branch(core):
+        i = core.save_idx
+        return core._replace(save_idx=i + 1), i, interpolate_last(core, s_save[i]), no_step(core)[1]
+
+    def step_branch(core):
+        new_core, step = attempt_step(core)
+        last = _tree_where(step.accept, (step.t0, step.y0, step.coeffs), core.last)
+        return new_core._replace(last=last), jnp.asarray(n_save, jnp.int32), zero_y, step
+
     def iteration(packed):
         core = _unpack(packed)
         save = pending(core)
-        # The step is skipped when every lane saves. The predicate is unbatched
-        # (`unvmap_all`) on purpose: under `jax.vmap` a `cond` with a batched
-        # predicate becomes a `select` whose operands JAX guards with per-lane
+        if config.lanes == 1:
+            # Not under a `jax.vmap` that `solve` can see: one branch or the
+            # other. (Under a `vmap` it cannot see, the `cond` below becomes a
+            # `select`; correct, only slower -- see the batched version.)
+            core, save_at, save_val, step = lax.cond(save, save_branch, step_branch, core)
+            return _pack(core), save_at, save_val, step
+        # Under `jax.vmap`: the step is skipped when every lane saves. The
+        # predicate is unbatched (`unvmap_all`) on purpose: a `cond` with a
+        # batched predicate becomes a `select` whose operands JAX guards with per-lane
         # `stop_gradient`s, which broadcasts every operand -- the vector
         # field's parameters included -- to one copy per lane (batched matrix
         # products forward, one weight gradient per lane backward). Lanes that
@@ -522,6 +537,8 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
             # As in `iteration`: an unbatched predicate, and under `jax.vmap`
             # the lanes that have finished are masked by selection.
             active = cond_fun(p)
+            if config.lanes == 1:
+                return lax.cond(active, iteration, skip, p)
             out = lax.cond(eqxi.unvmap_any(active), iteration, skip, p)
             return _tree_where(active, out, skip(p))
 
