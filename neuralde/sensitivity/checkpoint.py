@@ -116,14 +116,20 @@ class CheckpointAdjoint(AbstractSensitivity):
                 # active, see `_masked_iteration`): the writes are in place and
                 # the compaction is a real branch.
                 packed, ys, dense, it, stride, ckpts = c
-                due = it % stride == 0
-                ckpts, stride = lax.cond(due & (it // stride >= slots), compact, lambda st: st, (ckpts, stride))
-                due = it % stride == 0
-                slot = jnp.minimum(it // stride, slots - 1)
-                ckpts = jtu.tree_map(
-                    lambda b, x: lax.dynamic_update_index_in_dim(
-                        b, jnp.where(due, x, lax.dynamic_index_in_dim(b, slot, 0, keepdims=False)), slot, 0),
-                    ckpts, packed)
+                if slots >= prog.max_iters:
+                    # Every iteration has its slot: no stride, no compaction.
+                    ckpts = jtu.tree_map(
+                        lambda b, x: lax.dynamic_update_index_in_dim(b, x, jnp.minimum(it, slots - 1), 0),
+                        ckpts, packed)
+                else:
+                    due = it % stride == 0
+                    ckpts, stride = lax.cond(due & (it // stride >= slots), compact, lambda st: st, (ckpts, stride))
+                    due = it % stride == 0
+                    slot = jnp.minimum(it // stride, slots - 1)
+                    ckpts = jtu.tree_map(
+                        lambda b, x: lax.dynamic_update_index_in_dim(
+                            b, jnp.where(due, x, lax.dynamic_index_in_dim(b, slot, 0, keepdims=False)), slot, 0),
+                        ckpts, packed)
                 step_index = prog.step_index(packed)
                 packed, save_at, save_val, step = _masked_iteration(prog, packed)
                 ys, dense = prog.apply_writes(ys, dense, step_index, save_at, save_val, step)
