@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import neuralde as nde
+from _compiled import release_after_module
 
 
 def decay_rotation(t, y, args):
@@ -68,13 +69,7 @@ def shared_grad(solver_name, sensitivity_name, step, y0=Y0, args=ARGS):
     return compiled_grad(solver_name, sensitivity_name, jnp.dtype(y0.dtype))(y0, args, step)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _release_compiled(request):
-    """Drop the shared compiled functions when this module is done: kept alive for the rest of the
-    session, their executables (with everything else compiled in the run) aborted XLA in a later
-    module's compilation."""
-    yield
-    compiled_grad.cache_clear()
+_release_compiled = release_after_module(compiled_grad.cache_clear)
 
 
 @pytest.mark.parametrize("name", list(FIXED) + list(ADAPTIVE))

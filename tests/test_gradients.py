@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import neuralde as nde
+from _compiled import release_after_module
 
 
 def lotka_volterra(t, u, p):
@@ -44,13 +45,7 @@ def make_loss(sensitivity, rtol=1e-10):
 GRAD_FNS = {name: jax.jit(jax.grad(make_loss(s), argnums=(0, 1))) for name, s in SENSITIVITIES.items()}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _release_compiled(request):
-    """Drop the shared compiled functions when this module is done: kept alive for the rest of the
-    session, their executables (with everything else compiled in the run) aborted XLA in a later
-    module's compilation."""
-    yield
-    GRAD_FNS.clear()
+_release_compiled = release_after_module(GRAD_FNS.clear)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pytest
 import neuralde as nde
 from neuralde import _brownian as B
 from neuralde.solvers.sde import SOSRI_TABLEAU, SRA1_TABLEAU, SRIW1_TABLEAU, sra_order_conditions, sri_order_conditions
+from _compiled import release_after_module
 
 LEVELS = 20  # SDETerm's default brownian_levels: the exact solutions below query the same tree
 T = 1.0
@@ -235,13 +236,7 @@ def _grad_loss(sensitivity):
 GRAD_FNS = {name: jax.jit(jax.value_and_grad(_grad_loss(s), argnums=(0, 1))) for name, s in SENSITIVITIES.items()}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _release_compiled(request):
-    """Drop the shared compiled functions when this module is done: kept alive for the rest of the
-    session, their executables (with everything else compiled in the run) aborted XLA in a later
-    module's compilation."""
-    yield
-    GRAD_FNS.clear()
+_release_compiled = release_after_module(GRAD_FNS.clear)
 
 
 @pytest.fixture(scope="module")
