@@ -149,7 +149,9 @@ def make_torchsde():
 
     sde = LV()
 
-    def run(n, x, adaptive, seed=0):
+    def solve(n, x, adaptive, seed=0, reference=False):
+        """One batch of ``n`` paths at tolerance (adaptive) or step ``x``; with
+        ``reference``, also the same paths at step T / 2^13."""
         bm = torchsde.BrownianInterval(0.0, T, size=(n, 2), levy_area_approximation="space-time", entropy=seed,
                                        dtype=torch.float64)
         u0 = torch.ones(n, 2)
@@ -159,20 +161,16 @@ def make_torchsde():
                 out = torchsde.sdeint(sde, u0, ts, bm=bm, method="srk", dt=0.01, adaptive=True, rtol=x, atol=x)
             else:
                 out = torchsde.sdeint(sde, u0, ts, bm=bm, method="srk", dt=x)
-        return out[-1].numpy(), bm
+            ref = torchsde.sdeint(sde, u0, ts, bm=bm, method="srk", dt=T / 2**13) if reference else None
+        return out[-1].numpy(), (ref[-1].numpy() if reference else None), bm
+
+    def run(n, x, adaptive, seed=0):
+        out, _, bm = solve(n, x, adaptive, seed)
+        return out, bm
 
     def with_ref(n, x, adaptive, seed=0):
-        bm = torchsde.BrownianInterval(0.0, T, size=(n, 2), levy_area_approximation="space-time", entropy=seed,
-                                       dtype=torch.float64)
-        u0 = torch.ones(n, 2)
-        ts = torch.tensor([0.0, T])
-        with torch.no_grad():
-            if adaptive:
-                out = torchsde.sdeint(sde, u0, ts, bm=bm, method="srk", dt=0.01, adaptive=True, rtol=x, atol=x)
-            else:
-                out = torchsde.sdeint(sde, u0, ts, bm=bm, method="srk", dt=x)
-            ref = torchsde.sdeint(sde, u0, ts, bm=bm, method="srk", dt=T / 2**13)
-        return out[-1].numpy(), ref[-1].numpy()
+        out, ref, _ = solve(n, x, adaptive, seed, reference=True)
+        return out, ref
 
     return run, with_ref
 
