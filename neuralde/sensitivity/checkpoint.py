@@ -49,7 +49,8 @@ class CheckpointAdjoint(AbstractSensitivity):
     With ``checkpoints=None``, ``C = N = max_steps + len(t)`` (the bound on
     iterations: every iteration, no stride) while the buffer takes at most 16
     MiB, counting every lane of a `jax.vmap` that `solve` is called under;
-    otherwise as many slots as fit in 4 MiB, and at least ``sqrt(N)`` (a batch
+    otherwise as many slots as fit in 4 MiB, and at least about ``sqrt(N)`` (so
+    that slots and segment together hold about ``2 sqrt(N)`` carries: a batch
     of 16k x 64 floats never costs ``max_steps`` copies of itself). The
     buffer is allocated whole at every call, and 256 lanes of ``N`` carries of
     a small state (100 MB) would cost more to allocate than a short solve
@@ -81,7 +82,12 @@ class CheckpointAdjoint(AbstractSensitivity):
         elif max_iters * carry_bytes <= _EVERY_STEP_BYTES:
             slots = max_iters
         else:
-            slots = min(max_iters, max(math.ceil(math.sqrt(max_iters)), _SLOT_BYTES // max(carry_bytes, 1)))
+            # At least the slots that make the fewest carries in all (slots plus
+            # the backward pass's segment of ``max_stride``, a power of two:
+            # about 2 sqrt(max_iters)), more if they fit in _SLOT_BYTES.
+            least = min((math.ceil(max_iters / 2**e) + 2**e, math.ceil(max_iters / 2**e))
+                        for e in range(max_iters.bit_length() + 1))[1]
+            slots = min(max_iters, max(least, _SLOT_BYTES // max(carry_bytes, 1)))
         max_stride = 1
         while slots * max_stride < max_iters:
             max_stride *= 2
