@@ -485,10 +485,10 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
         stepped, step = lax.cond(eqxi.unvmap_all(save), no_step, lambda c: attempt_step(_rewind(c)), core)
         last = _tree_where(step.accept, (step.t0, step.y0, step.coeffs), core.last)
         stepped = stepped._replace(last=last)
-        saved = core._replace(save_idx=core.save_idx + 1)
-        save_val = interpolate_last(core, s_save[jnp.minimum(core.save_idx, n_save - 1)])
-        core = _tree_where(save, saved, stepped)
-        save_at = jnp.where(save, core.save_idx - 1, n_save).astype(jnp.int32)
+        i = core.save_idx
+        save_val = interpolate_last(core, s_save[jnp.minimum(i, n_save - 1)])
+        core = _tree_where(save, core._replace(save_idx=i + 1), stepped)
+        save_at = jnp.where(save, i, n_save).astype(jnp.int32)
         step = step._replace(accept=step.accept & ~save)
         return _pack(core), save_at, save_val, step
 
