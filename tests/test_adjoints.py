@@ -72,11 +72,15 @@ def shared_grad(solver_name, sensitivity_name, step, y0=Y0, args=ARGS):
 _release_compiled = release_after_module(compiled_grad.cache_clear)
 
 
+# The default plan on a small state: a loop of steps alone, every step a
+# checkpoint, the saves interpolated from the dense history afterwards; with 4
+# slots: step-or-save iterations, strided checkpoints, recomputed segments.
+@pytest.mark.parametrize("checkpoint", ["checkpoint", "checkpoint-4"], ids=["steps-only", "strided"])
 @pytest.mark.parametrize("name", list(FIXED) + list(ADAPTIVE))
-def test_checkpoint_equals_reverse_every_solver(name):
+def test_checkpoint_equals_reverse_every_solver(name, checkpoint):
     step = 0.05 if name in FIXED else 1e-8  # dt0 or rtol = atol
     ref = shared_grad(name, "reverse", step)
-    got = shared_grad(name, "checkpoint-4", step)
+    got = shared_grad(name, checkpoint, step)
     for a, b in zip(got, ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-11, atol=1e-13)
 
@@ -180,6 +184,37 @@ def test_default_sensitivity_is_checkpoint_adjoint():
 
     for a, b in zip(grad(loss), ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("case", ["blow-up", "max-steps"])
+def test_checkpoint_forward_values_on_failure_match_the_primal(case):
+    # A failed solve under differentiation saves exactly what the solve alone
+    # saves (NaN from the failure on), reports the same status, and its
+    # gradient is ReverseMode's. Blow-up: y' = a y^2, y(0) = 1 ends at t = 1/a.
+    ts = jnp.linspace(0.0, 2.0, 9)
+    if case == "blow-up":
+        term, y0, a, kw = nde.ODETerm(lambda t, y, a: a * y**2), jnp.array([1.0]), 1.0, {}
+    else:
+        term, y0, a, kw = nde.ODETerm(decay_rotation), Y0, ARGS, dict(max_steps=12, rtol=1e-10, atol=1e-10)
+
+    def run(sensitivity):
+        def loss(a):
+            sol = nde.solve(term, nde.Tsit5(), y0, ts, args=a, throw=False, sensitivity=sensitivity, **kw)
+            return jnp.nansum(sol.ys**2), (sol.ys, sol.status)
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(a)
+
+    primal = jax.jit(lambda a: nde.solve(term, nde.Tsit5(), y0, ts, args=a, throw=False, **kw))(a)
+    (_, (ys, status)), g = run(nde.CheckpointAdjoint())
+    (_, (_, ref_status)), ref = run(nde.ReverseMode())
+    expected = ((nde.Status.STEP_SIZE_TOO_SMALL, nde.Status.NONFINITE_STATE) if case == "blow-up"
+                else (nde.Status.MAX_STEPS_REACHED,))
+    assert int(status) == int(primal.status) == int(ref_status) and int(status) in expected
+    nan = np.isnan(np.asarray(primal.ys))
+    assert nan.any() and not nan.all()
+    np.testing.assert_array_equal(np.isnan(np.asarray(ys)), nan)
+    np.testing.assert_allclose(np.asarray(ys)[~nan], np.asarray(primal.ys)[~nan], rtol=1e-13)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-10)
 
 
 def lorenz(t, y, p):

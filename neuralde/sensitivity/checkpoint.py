@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import equinox as eqx
 import equinox.internal as eqxi
@@ -24,13 +24,25 @@ class CheckpointAdjoint(AbstractSensitivity):
     """Discrete adjoint of the steps actually taken, recomputed from
     checkpoints (`jax.custom_vjp`).
 
-    The forward pass is a plain `lax.while_loop` of step-or-save iterations
-    that stores the loop carry (state, FSAL derivative, last step's
+    Small problems (the checkpoints of every step and the dense history fit
+    in 16 MiB, counting every lane of a `jax.vmap` that `solve` is called
+    under): the forward pass is a `lax.while_loop` of step attempts alone that
+    stores the loop carry before each attempt and writes the polynomial of
+    each accepted step; the points of ``t`` are then interpolated from that
+    history all at once. The backward pass turns the cotangents of the saved
+    values into the history's (one vectorised vjp) and applies `jax.vjp` of
+    one step attempt, recomputed from its checkpoint, from the last attempt to
+    the first. A point of ``t`` costs no iteration either way.
+
+    Otherwise the forward pass is a `lax.while_loop` of step-or-save
+    iterations that stores the loop carry (state, FSAL derivative, last step's
     interpolant, counters) every ``K`` iterations. The backward pass walks the
     segments between checkpoints in reverse: it recomputes a segment's carries
     from its checkpoint, then applies `jax.vjp` of one iteration (the step, or
     the interpolation to a save time) from the last to the first, feeding in
-    the cotangents of the saved values. It differentiates exactly the
+    the cotangents of the saved values.
+
+    Either way it differentiates exactly the
     operations `ReverseMode` differentiates, so the two gradients agree to
     round-off, with respect to ``y0``, ``args``, the save times and every
     floating array of the term (closed-over arrays included, by closure
@@ -93,13 +105,28 @@ class CheckpointAdjoint(AbstractSensitivity):
             max_stride *= 2
         return slots, max_stride
 
+    def _steps_only(self, prog) -> bool:
+        """Whether every step gets its checkpoint and the saves come from the
+        dense history afterwards (`_fwd_steps`): when the plan checkpoints
+        every iteration and the history fits the same budget."""
+        carry = _carry_bytes(prog.packed)
+        slots, _ = self.plan(prog.max_iters, carry * prog.lanes)
+        if slots < prog.max_iters:
+            return False
+        if self.checkpoints is not None:
+            return True
+        # Per step: a checkpoint (the carry less the last step's polynomial)
+        # and the history's entry (that polynomial and the step's end time).
+        per_step = carry + 8
+        return (prog.max_iters - prog.n_save) * per_step * prog.lanes <= _EVERY_STEP_BYTES
+
     def run(self, build, inputs):
         term, y0, args, ts, *rest = inputs
         term = closure_convert_term(term, ts[0], y0, args)
         dyn, static = eqx.partition((term, y0, args, ts, *rest), eqx.is_array)
 
-        def program(d):
-            return build(eqx.combine(d, static))
+        def program(d, **overrides):
+            return build(eqx.combine(d, static), **overrides)
 
         @jax.custom_vjp
         def solve(d):
@@ -107,6 +134,8 @@ class CheckpointAdjoint(AbstractSensitivity):
 
         def fwd(d):
             prog = program(d)
+            if self._steps_only(prog):
+                return _fwd_steps(program, d, prog.dense is not None)
             slots, _ = self.plan(prog.max_iters, _carry_bytes(prog.packed) * prog.lanes)
             ckpts = jtu.tree_map(lambda x: jnp.zeros((slots,) + x.shape, x.dtype), prog.packed)
 
@@ -152,6 +181,8 @@ class CheckpointAdjoint(AbstractSensitivity):
             return out, (d, ckpts, n_iter, stride)
 
         def bwd(res, ct_out):
+            if self._steps_only(program(res[0])):
+                return _bwd_steps(program, res, ct_out)
             d, ckpts, n_iter, stride = res
             (ct_ys, ct_hist), _ = ct_out
             prog = program(d)
@@ -228,7 +259,103 @@ class CheckpointAdjoint(AbstractSensitivity):
 
 
 
-def _back_step(program, prog, n_save, max_steps, dense):
+def _steps_view(prog):
+    """``prog`` as the steps-only passes see it: its carry without the last
+    step's polynomial (saving alone reads it, and the saves come from the
+    history), so that neither the checkpoints nor the backward steps hold it."""
+    add = prog.add_last
+
+    def step(reduced):
+        new, save_at, save_val, step_out = prog.branches[1](add(reduced))
+        return prog.drop_last(new), save_at, save_val, step_out
+
+    return prog._replace(
+        packed=prog.drop_last(prog.packed), branches=(None, step),
+        step_cond=lambda r: prog.step_cond(add(r)), step_index=lambda r: prog.step_index(add(r)),
+        good_time=lambda r: prog.good_time(add(r)), report=lambda r: prog.report(add(r)),
+        saves_from_history=lambda dense, r, t_saved: prog.saves_from_history(dense, add(r), t_saved),
+        finalize=lambda r, ys, dense: prog.finalize(add(r), ys, dense),
+    )
+
+
+def _fwd_steps(program, d, user_dense):
+    """The forward pass of steps alone: a `lax.while_loop` of step attempts
+    that checkpoints the carry before each and writes the dense history of the
+    accepted steps; every point of ``t`` is then interpolated from the history
+    at once. A save point costs no iteration, forward or backward (on small
+    states an iteration's fixed cost, not its arithmetic, is what a solve
+    spends)."""
+    prog = _steps_view(program(d, dense=True))
+    max_steps = prog.max_iters - prog.n_save
+    ckpts = jtu.tree_map(lambda x: jnp.zeros((max_steps,) + x.shape, x.dtype), prog.packed)
+
+    def body(c):
+        # ``it`` stays unbatched under `jax.vmap` (see `_masked_iteration`).
+        packed, dense, it, t_saved, ckpts = c
+        ckpts = jtu.tree_map(
+            lambda b, x: lax.dynamic_update_index_in_dim(b, x, jnp.minimum(it, max_steps - 1), 0), ckpts, packed)
+        step_index = prog.step_index(packed)
+        packed, _, _, step = _masked_iteration(prog, packed, steps_only=True)
+        dense = prog.write_dense(dense, step_index, step)
+        prog.report(packed)
+        return packed, dense, it + 1, jnp.maximum(t_saved, prog.good_time(packed)), ckpts
+
+    prog.start()
+    packed, dense, n_iter, t_saved, ckpts = lax.while_loop(
+        lambda c: eqxi.unvmap_any(prog.step_cond(c[0])), body,
+        (prog.packed, prog.dense, jnp.asarray(0, jnp.int32), prog.good_time(prog.packed), ckpts))
+    ys = prog.saves_from_history(dense, packed, t_saved)
+    (ys, history), ints = prog.finalize(packed, ys, dense)
+    out = ((ys, history if user_dense else None), ints)
+    return out, (d, ckpts, n_iter, dense, packed, t_saved)
+
+
+def _bwd_steps(program, res, ct_out):
+    """The backward pass of `_fwd_steps`: the saves' cotangents become the
+    history's (one vectorised vjp of the interpolation), which the steps take
+    in reverse, each recomputed from its checkpoint."""
+    d, ckpts, n_iter, dense, packed_final, t_saved = res
+    (ct_ys, ct_user_hist), _ = ct_out
+    steps_program = lambda dd: _steps_view(program(dd, dense=True))  # noqa: E731
+    prog = steps_program(d)
+    max_steps = prog.max_iters - prog.n_save
+
+    _, vjp_saves = jax.vjp(lambda dd, dn, pk: steps_program(dd).saves_from_history(dn, pk, t_saved),
+                           d, dense, packed_final)
+    ct_d, ct_dense, ct_final = vjp_saves(ct_ys)
+    if ct_user_hist is not None:
+        ct_dense = jtu.tree_map(_add, ct_dense, (ct_user_hist.ts, ct_user_hist.y0s, ct_user_hist.coeffs))
+    ct_hist = _HistoryCotangent(*ct_dense)
+
+    first = jtu.tree_map(lambda b: b[0], ckpts)
+    back_step = _back_step(steps_program, prog, prog.n_save, max_steps, True, steps_only=True)
+
+    def back(c):
+        i, ct_packed, ct_d = c
+        p = jtu.tree_map(lambda b: b[i], ckpts)
+        ct_p, ct_dd = back_step(p, ct_packed, d, None, ct_hist, first)
+        return i - 1, ct_p, jtu.tree_map(_add, ct_d, ct_dd)
+
+    _, ct_packed, ct_d = lax.while_loop(lambda c: c[0] >= 0, back, (n_iter - 1, ct_final, ct_d))
+
+    # The initial carry and the first step boundary depend on the inputs
+    # directly (``ys[0]`` is in the saves' vjp above).
+    def initial(dd):
+        p = steps_program(dd)
+        return p.packed, p.dense[0][0]
+
+    _, vjp_init = jax.vjp(initial, d)
+    (ct_di,) = vjp_init((ct_packed, ct_hist.ts[0]))
+    return (jtu.tree_map(_add, ct_d, ct_di),)
+
+
+class _HistoryCotangent(NamedTuple):
+    ts: Any
+    y0s: Any
+    coeffs: Any
+
+
+def _back_step(program, prog, n_save, max_steps, dense, steps_only=False):
     """``(packed, ct_packed, d, ct_ys, ct_hist, first) -> (ct_packed_in, ct_d)``:
     the cotangents of one iteration's inputs from those of its outputs.
 
@@ -239,10 +366,13 @@ def _back_step(program, prog, n_save, max_steps, dense):
     which a zero cotangent would turn into NaN.
     """
 
-    def out_cotangents(save_at, step, step_index, ct_packed, ct_ys, ct_hist, active):
-        ok_save = active & (save_at < n_save)
-        ct_save = jtu.tree_map(
-            lambda c: jnp.where(ok_save, c[jnp.minimum(save_at, n_save - 1)], 0).astype(c.dtype), ct_ys)
+    def out_cotangents(save_at, save_val, step, step_index, ct_packed, ct_ys, ct_hist, active):
+        if ct_ys is None:
+            ct_save = zero_tangents(save_val)
+        else:
+            ok_save = active & (save_at < n_save)
+            ct_save = jtu.tree_map(
+                lambda c: jnp.where(ok_save, c[jnp.minimum(save_at, n_save - 1)], 0).astype(c.dtype), ct_ys)
         if dense:
             ok = active & step.accept & (step_index < max_steps)
             i = jnp.minimum(step_index, max_steps - 1)
@@ -259,16 +389,67 @@ def _back_step(program, prog, n_save, max_steps, dense):
         ct_new = jtu.tree_map(lambda c: jnp.where(active, c, jnp.zeros_like(c)), ct_packed)
         return ct_new, zero_tangents(save_at), ct_save, ct_step
 
+    def branch_back(index):
+        # The cotangents through one branch alone (1: save, 2: step), its
+        # forward recomputed and transposed in one place.
+        def back(packed, ct_float, d, ct_ys, ct_hist):
+            ct_packed = _merge_floats(prog.packed, ct_float)
+            step_index = prog.step_index(packed)
+            (_, save_at, save_val, step), vjp_fn = jax.vjp(lambda p, dd: program(dd).branches[index - 1](p),
+                                                           packed, d)
+            ct_p, ct_d = vjp_fn(out_cotangents(save_at, save_val, step, step_index, ct_packed, ct_ys, ct_hist, True))
+            return _float_leaves(ct_p), ct_d
+
+        return back
+
+    def skip(packed, ct_float, d, ct_ys, ct_hist):
+        return ct_float, zero_tangents(d)
+
+    def back_unbatched(packed, ct_packed, d, ct_ys, ct_hist, first):
+        # Outside `jax.vmap` (as `solve` sees it): one `switch` over whole
+        # backward branches. The vjp of the iteration's own `cond` would carry
+        # the union of both branches' residuals out of a forward `cond` into a
+        # transposed one -- dozens of scalar buffers, each a copy per iteration,
+        # which cost more than the arithmetic on small states. (Under a `vmap`
+        # `solve` cannot see, the switch becomes a select of the three results:
+        # an unselected branch's non-finite values are discarded, not
+        # multiplied by zero.)
+        if steps_only:
+            ct_float = lax.cond(prog.step_cond(packed), branch_back(2), skip,
+                                packed, _float_leaves(ct_packed), d, ct_ys, ct_hist)
+        else:
+            ct_float = lax.switch(prog.kind(packed), [skip, branch_back(1), branch_back(2)],
+                                  packed, _float_leaves(ct_packed), d, ct_ys, ct_hist)
+        ct_p, ct_d = ct_float
+        return _merge_floats(ct_packed, ct_p), ct_d
+
     def back(packed, ct_packed, d, ct_ys, ct_hist, first):
-        active = prog.cond(packed)
+        if prog.lanes == 1:
+            return back_unbatched(packed, ct_packed, d, ct_ys, ct_hist, first)
+        active = (prog.step_cond if steps_only else prog.cond)(packed)
         safe = jtu.tree_map(lambda a, b: jnp.where(active, a, b), packed, first)
         step_index = prog.step_index(safe)
-        (_, save_at, _, step), vjp_fn = jax.vjp(lambda p, dd: _masked_iteration(program(dd), p), safe, d)
-        ct_p, ct_d = vjp_fn(out_cotangents(save_at, step, step_index, ct_packed, ct_ys, ct_hist, active))
+        (_, save_at, save_val, step), vjp_fn = jax.vjp(
+            lambda p, dd: _masked_iteration(program(dd), p, steps_only), safe, d)
+        ct_p, ct_d = vjp_fn(out_cotangents(save_at, save_val, step, step_index, ct_packed, ct_ys, ct_hist, active))
         ct_p = jtu.tree_map(lambda a, b: a if _is_float0(a) else jnp.where(active, a, b), ct_p, ct_packed)
         return ct_p, ct_d
 
     return back
+
+
+def _float_leaves(tree):
+    """The inexact leaves of a cotangent tree (float0 leaves cannot cross a
+    `lax.switch`)."""
+    return [x for x in jtu.tree_leaves(tree) if not _is_float0(x)]
+
+
+def _merge_floats(like, floats):
+    """``like``'s cotangent tree with its inexact leaves from ``floats`` and
+    float0 zeros elsewhere."""
+    leaves, treedef = jtu.tree_flatten(zero_tangents(like))
+    it = iter(floats)
+    return jtu.tree_unflatten(treedef, [x if _is_float0(x) else next(it) for x in leaves])
 
 
 def _carry_bytes(packed) -> int:
@@ -276,7 +457,7 @@ def _carry_bytes(packed) -> int:
     return sum(x.size * x.dtype.itemsize for x in jtu.tree_leaves(packed))
 
 
-def _masked_iteration(prog, packed):
+def _masked_iteration(prog, packed, steps_only=False):
     """One iteration where the loop condition holds, else nothing.
 
     The forward loop runs while *any* lane of a `jax.vmap` is active
@@ -286,8 +467,12 @@ def _masked_iteration(prog, packed):
     included, a copy of ``max_steps`` carries per iteration -- and index it
     with a batched counter (a scatter). Outside `vmap` the condition always
     holds where this runs and the mask is a select on the small carry."""
-    active = prog.cond(packed)
-    new, save_at, save_val, step = prog.iteration(packed)
+    if steps_only:
+        active = prog.step_cond(packed)
+        new, save_at, save_val, step = prog.branches[1](packed)
+    else:
+        active = prog.cond(packed)
+        new, save_at, save_val, step = prog.iteration(packed)
     new = jtu.tree_map(lambda a, b: jnp.where(active, a, b), new, packed)
     save_at = jnp.where(active, save_at, prog.n_save)
     return new, save_at, save_val, step._replace(accept=step.accept & active)
