@@ -177,12 +177,6 @@ def _interpolate(s, t0, t1, y0, y1, coeffs):
     return _tree_where(s == t1, end, val)
 
 
-def _lead(mask, like):
-    """``mask`` (one entry per point) shaped to broadcast against ``like``'s
-    trailing axes."""
-    return mask.reshape(mask.shape + (1,) * jnp.ndim(like))
-
-
 def _write(buffers, idx, values, valid=True):
     """``buffers[idx] = values`` where ``valid`` (else unchanged). A dynamic-update
     of one row: XLA does it in place, where a scatter with dropped indices
@@ -511,48 +505,44 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
         return jnp.where(cond_fun(packed), jnp.where(pending(core), 1, 2), 0).astype(jnp.int32)
 
     def step_cond(packed):
-        # The loop condition without saves: the steps-only loop (see
-        # `saves_from_history`).
+        # The loop condition of a loop of steps alone, whose saves are made
+        # after each step (`save_passed`).
         core = _unpack(packed)
         return (core.status == Status.SUCCESS) & (core.t < s_end) & (attempts(core) < max_steps)
 
     def drop_last(packed):
         # The carry without the last step's polynomial (``last``'s state and
-        # coefficients), which only saving reads: the steps-only loop keeps it
-        # out of its checkpoints and derivatives.
+        # coefficients), which only the save iterations read: the loop of steps
+        # alone keeps it out of its checkpoints and derivatives.
         return packed[:4]
 
     def add_last(reduced):
         return (*reduced, zero_y, coeff_zeros)
 
-    def good_time(packed):
-        # The time reached with a successful status (-inf after a failure).
-        core = _unpack(packed)
-        return jnp.where(core.status == Status.SUCCESS, core.t, -jnp.inf)
+    def save_index(packed):
+        return _unpack(packed).save_idx
 
-    def saves_from_history(dense, packed, t_saved):
-        # Every point of ``t`` at once from the dense history of the steps
-        # (the same polynomial, and at a step's end the same value, as the
-        # save iterations take): a loop of steps alone fills ``ys`` after the
-        # loop, with one vectorised interpolation instead of one iteration per
-        # point. ``t_saved``: the time up to which the points count as saved
-        # (the last time the solve stood with a successful status); later
-        # points stay NaN.
+    def interpolate_step(s, step: _Step):
+        # A save on ``step``'s polynomial (at its end, the step's own value).
+        return _interpolate(s, step.t0, step.t1, step.y0, step.y1, step.coeffs)
+
+    def save_passed(packed, step: _Step, ys):
+        # After a step, save every point of ``t`` it passed, as the save
+        # iterations would (and as `run_while` does: none once the solve has
+        # failed), in a small inner loop.
         core = _unpack(packed)
-        d_ts, d_y0, d_c = dense
-        s = s_save[1:]
-        n = core.num_steps
-        k = jnp.clip(jnp.searchsorted(d_ts, s, side="left") - 1, 0, jnp.maximum(n - 1, 0))
-        reached = (n > 0) & (s <= t_saved)
-        t0 = d_ts[k]
-        # Unreached points (NaN below) interpolate on a safe unit span.
-        t1 = jnp.where(reached, d_ts[k + 1], t0 + 1)
-        at = lambda b: b[k]  # noqa: E731
-        nxt = jnp.minimum(k + 1, max_steps - 1)
-        y1 = jtu.tree_map(lambda b, yf: jnp.where(_lead(k + 1 < n, yf), b[nxt], yf), d_y0, core.y)
-        vals = jax.vmap(_interpolate)(s, t0, t1, jtu.tree_map(at, d_y0), y1, jtu.tree_map(at, d_c))
-        vals = jtu.tree_map(lambda v: jnp.where(_lead(reached, v[0]), v, jnp.nan), vals)
-        return jtu.tree_map(lambda first, v: jnp.concatenate([first[:1], v.astype(first.dtype)]), ys, vals)
+        ok = step.accept & (core.status == Status.SUCCESS)
+
+        def cond(c):
+            i = c[0]
+            return ok & (i < n_save) & (s_save[jnp.minimum(i, n_save - 1)] <= core.t)
+
+        def body(c):
+            i, ys = c
+            return i + 1, _write(ys, i, interpolate_step(s_save[i], step))
+
+        i, ys = lax.while_loop(cond, body, (core.save_idx, ys))
+        return _pack(core._replace(save_idx=i)), ys
 
     def apply_writes(ys, dense, step_index, save_at, save_val, step):
         ys = _write(ys, save_at, save_val, save_at < n_save)
@@ -644,8 +634,8 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
         packed=_pack(core), ys=ys, dense=dense, n_save=n_save, max_iters=max_steps + n_save, throw=config.throw,
         lanes=config.lanes,
         cond=cond_fun, iteration=iteration, kind=kind, branches=(save_iteration, step_iteration),
-        step_cond=step_cond, saves_from_history=saves_from_history, write_dense=write_dense, good_time=good_time,
-        drop_last=drop_last, add_last=add_last,
+        step_cond=step_cond, save_passed=save_passed, save_index=save_index, interpolate_step=interpolate_step,
+        save_times=s_save, write_dense=write_dense, drop_last=drop_last, add_last=add_last,
         apply_writes=apply_writes, report=lambda p: report(_unpack(p)),
         step_index=lambda p: _unpack(p).num_steps,
         start=start, finalize=finalize, run_while=run_while, run_bounded=run_bounded,
@@ -659,13 +649,15 @@ class Program(NamedTuple):
     step-or-save iteration, ``cond(packed)`` says whether to go on,
     ``kind(packed)`` says which branch an iteration takes (0: none, the loop
     has finished; 1: save; 2: step) and ``branches`` are the two branches
-    alone, with ``iteration``'s signature; ``step_cond`` is the loop condition
-    of a loop of steps alone (``branches[1]``) that writes the dense history
-    (``write_dense(dense, step_index, step)``), from which
-    ``saves_from_history(dense, packed, t_saved)`` then gives every saved
-    value (``t_saved``: the largest ``good_time(packed)`` the loop saw), and
-    ``drop_last``/``add_last`` take the last step's polynomial (which only
-    saving reads) out of a carry and put zeros back; ``apply_writes`` stores an iteration's outputs, ``finalize`` packages the
+    alone, with ``iteration``'s signature. A loop of steps alone runs while
+    ``step_cond`` holds, and after each step (``branches[1]``)
+    ``save_passed(packed, step, ys)`` saves the points of ``t`` the step
+    passed (``interpolate_step(s, step)`` on its polynomial, at the loop times
+    ``save_times``; ``save_index`` counts the points saved);
+    ``drop_last``/``add_last`` take the last step's polynomial (which only the
+    save iterations read) out of a carry and put zeros back;
+    ``write_dense(dense, step_index, step)`` records an accepted step;
+    ``apply_writes`` stores an iteration's outputs, ``finalize`` packages the
     result; ``run_while``/``run_bounded`` are the two ready-made loops."""
 
     packed: Any
@@ -680,9 +672,11 @@ class Program(NamedTuple):
     kind: Any
     branches: Any
     step_cond: Any
-    saves_from_history: Any
+    save_passed: Any
+    save_index: Any
+    interpolate_step: Any
+    save_times: Any
     write_dense: Any
-    good_time: Any
     drop_last: Any
     add_last: Any
     apply_writes: Any

@@ -73,8 +73,8 @@ _release_compiled = release_after_module(compiled_grad.cache_clear)
 
 
 # The default plan on a small state: a loop of steps alone, every step a
-# checkpoint, the saves interpolated from the dense history afterwards; with 4
-# slots: step-or-save iterations, strided checkpoints, recomputed segments.
+# checkpoint, each step saving the points it passed; with 4 slots: step-or-save
+# iterations, strided checkpoints, recomputed segments.
 @pytest.mark.parametrize("checkpoint", ["checkpoint", "checkpoint-4"], ids=["steps-only", "strided"])
 @pytest.mark.parametrize("name", list(FIXED) + list(ADAPTIVE))
 def test_checkpoint_equals_reverse_every_solver(name, checkpoint):

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Optional
 
 import equinox as eqx
 import equinox.internal as eqxi
@@ -24,15 +24,15 @@ class CheckpointAdjoint(AbstractSensitivity):
     """Discrete adjoint of the steps actually taken, recomputed from
     checkpoints (`jax.custom_vjp`).
 
-    Small problems (the checkpoints of every step and the dense history fit
-    in 16 MiB, counting every lane of a `jax.vmap` that `solve` is called
-    under): the forward pass is a `lax.while_loop` of step attempts alone that
-    stores the loop carry before each attempt and writes the polynomial of
-    each accepted step; the points of ``t`` are then interpolated from that
-    history all at once. The backward pass turns the cotangents of the saved
-    values into the history's (one vectorised vjp) and applies `jax.vjp` of
-    one step attempt, recomputed from its checkpoint, from the last attempt to
-    the first. A point of ``t`` costs no iteration either way.
+    Small problems (a checkpoint of every iteration fits in 16 MiB, counting
+    every lane of a `jax.vmap` that `solve` is called under): the forward pass
+    is a `lax.while_loop` of step attempts alone that stores the loop carry
+    before each attempt; after an accepted step a small inner loop saves the
+    points of ``t`` the step passed, from its polynomial. The backward pass
+    applies `jax.vjp` of one step attempt, recomputed from its checkpoint,
+    from the last attempt to the first, the cotangents of the points it saved
+    added to those of its polynomial. A point of ``t`` costs no iteration of
+    the main loop either way.
 
     Otherwise the forward pass is a `lax.while_loop` of step-or-save
     iterations that stores the loop carry (state, FSAL derivative, last step's
@@ -106,19 +106,11 @@ class CheckpointAdjoint(AbstractSensitivity):
         return slots, max_stride
 
     def _steps_only(self, prog) -> bool:
-        """Whether every step gets its checkpoint and the saves come from the
-        dense history afterwards (`_fwd_steps`): when the plan checkpoints
-        every iteration and the history fits the same budget."""
-        carry = _carry_bytes(prog.packed)
-        slots, _ = self.plan(prog.max_iters, carry * prog.lanes)
-        if slots < prog.max_iters:
-            return False
-        if self.checkpoints is not None:
-            return True
-        # Per step: a checkpoint (the carry less the last step's polynomial)
-        # and the history's entry (that polynomial and the step's end time).
-        per_step = carry + 8
-        return (prog.max_iters - prog.n_save) * per_step * prog.lanes <= _EVERY_STEP_BYTES
+        """Whether the forward pass is a loop of steps alone, each
+        checkpointed (`_fwd_steps`): when the plan checkpoints every
+        iteration."""
+        slots, _ = self.plan(prog.max_iters, _carry_bytes(prog.packed) * prog.lanes)
+        return slots >= prog.max_iters
 
     def run(self, build, inputs):
         term, y0, args, ts, *rest = inputs
@@ -135,7 +127,7 @@ class CheckpointAdjoint(AbstractSensitivity):
         def fwd(d):
             prog = program(d)
             if self._steps_only(prog):
-                return _fwd_steps(program, d, prog.dense is not None)
+                return _fwd_steps(program, d)
             slots, _ = self.plan(prog.max_iters, _carry_bytes(prog.packed) * prog.lanes)
             ckpts = jtu.tree_map(lambda x: jnp.zeros((slots,) + x.shape, x.dtype), prog.packed)
 
@@ -197,7 +189,7 @@ class CheckpointAdjoint(AbstractSensitivity):
             back_step = _back_step(program, prog, n_save, max_steps, dense)
 
             def one_back(packed, ct_packed, ct_d):
-                ct_p, ct_dd = back_step(packed, ct_packed, d, ct_ys, ct_hist, first)
+                ct_p, ct_dd, _ = back_step(packed, ct_packed, d, ct_ys, ct_hist, first)
                 return ct_p, jtu.tree_map(_add, ct_d, ct_dd)
 
             def back(c):
@@ -260,104 +252,105 @@ class CheckpointAdjoint(AbstractSensitivity):
 
 
 def _steps_view(prog):
-    """``prog`` as the steps-only passes see it: its carry without the last
-    step's polynomial (saving alone reads it, and the saves come from the
-    history), so that neither the checkpoints nor the backward steps hold it."""
-    add = prog.add_last
+    """``prog`` as the loop of steps alone sees it: its carry without the last
+    step's polynomial (which only the save iterations read; this loop saves
+    from each step's own outputs), so that neither the checkpoints nor the
+    backward steps hold it."""
+    add, drop = prog.add_last, prog.drop_last
 
     def step(reduced):
         new, save_at, save_val, step_out = prog.branches[1](add(reduced))
-        return prog.drop_last(new), save_at, save_val, step_out
+        return drop(new), save_at, save_val, step_out
+
+    def save_passed(reduced, step_out, ys):
+        new, ys = prog.save_passed(add(reduced), step_out, ys)
+        return drop(new), ys
 
     return prog._replace(
-        packed=prog.drop_last(prog.packed), branches=(None, step),
+        packed=drop(prog.packed), branches=(None, step), save_passed=save_passed,
         step_cond=lambda r: prog.step_cond(add(r)), step_index=lambda r: prog.step_index(add(r)),
-        good_time=lambda r: prog.good_time(add(r)), report=lambda r: prog.report(add(r)),
-        saves_from_history=lambda dense, r, t_saved: prog.saves_from_history(dense, add(r), t_saved),
+        save_index=lambda r: prog.save_index(add(r)), report=lambda r: prog.report(add(r)),
         finalize=lambda r, ys, dense: prog.finalize(add(r), ys, dense),
     )
 
 
-def _fwd_steps(program, d, user_dense):
+def _fwd_steps(program, d):
     """The forward pass of steps alone: a `lax.while_loop` of step attempts
-    that checkpoints the carry before each and writes the dense history of the
-    accepted steps; every point of ``t`` is then interpolated from the history
-    at once. A save point costs no iteration, forward or backward (on small
-    states an iteration's fixed cost, not its arithmetic, is what a solve
-    spends)."""
-    prog = _steps_view(program(d, dense=True))
+    that checkpoints the carry before each; after an accepted step, a small
+    inner loop saves the points of ``t`` it passed. A save point costs no
+    iteration of the loop, forward or backward (on small states an
+    iteration's fixed cost, not its arithmetic, is what a solve spends)."""
+    prog = _steps_view(program(d))
     max_steps = prog.max_iters - prog.n_save
     ckpts = jtu.tree_map(lambda x: jnp.zeros((max_steps,) + x.shape, x.dtype), prog.packed)
 
     def body(c):
         # ``it`` stays unbatched under `jax.vmap` (see `_masked_iteration`).
-        packed, dense, it, t_saved, ckpts = c
+        packed, ys, dense, it, ckpts = c
         ckpts = jtu.tree_map(
             lambda b, x: lax.dynamic_update_index_in_dim(b, x, jnp.minimum(it, max_steps - 1), 0), ckpts, packed)
         step_index = prog.step_index(packed)
         packed, _, _, step = _masked_iteration(prog, packed, steps_only=True)
+        packed, ys = prog.save_passed(packed, step, ys)
         dense = prog.write_dense(dense, step_index, step)
         prog.report(packed)
-        return packed, dense, it + 1, jnp.maximum(t_saved, prog.good_time(packed)), ckpts
+        return packed, ys, dense, it + 1, ckpts
 
     prog.start()
-    packed, dense, n_iter, t_saved, ckpts = lax.while_loop(
+    packed, ys, dense, n_iter, ckpts = lax.while_loop(
         lambda c: eqxi.unvmap_any(prog.step_cond(c[0])), body,
-        (prog.packed, prog.dense, jnp.asarray(0, jnp.int32), prog.good_time(prog.packed), ckpts))
-    ys = prog.saves_from_history(dense, packed, t_saved)
-    (ys, history), ints = prog.finalize(packed, ys, dense)
-    out = ((ys, history if user_dense else None), ints)
-    return out, (d, ckpts, n_iter, dense, packed, t_saved)
+        (prog.packed, prog.ys, prog.dense, jnp.asarray(0, jnp.int32), ckpts))
+    return prog.finalize(packed, ys, dense), (d, ckpts, n_iter, prog.save_index(packed))
 
 
 def _bwd_steps(program, res, ct_out):
-    """The backward pass of `_fwd_steps`: the saves' cotangents become the
-    history's (one vectorised vjp of the interpolation), which the steps take
-    in reverse, each recomputed from its checkpoint."""
-    d, ckpts, n_iter, dense, packed_final, t_saved = res
-    (ct_ys, ct_user_hist), _ = ct_out
-    steps_program = lambda dd: _steps_view(program(dd, dense=True))  # noqa: E731
+    """The backward pass of `_fwd_steps`: the step attempts in reverse, each
+    recomputed from its checkpoint, with the cotangents of the points it saved
+    added to those of its polynomial."""
+    d, ckpts, n_iter, last_saved = res
+    (ct_ys, ct_hist), _ = ct_out
+    steps_program = lambda dd: _steps_view(program(dd))  # noqa: E731
     prog = steps_program(d)
     max_steps = prog.max_iters - prog.n_save
-
-    _, vjp_saves = jax.vjp(lambda dd, dn, pk: steps_program(dd).saves_from_history(dn, pk, t_saved),
-                           d, dense, packed_final)
-    ct_d, ct_dense, ct_final = vjp_saves(ct_ys)
-    if ct_user_hist is not None:
-        ct_dense = jtu.tree_map(_add, ct_dense, (ct_user_hist.ts, ct_user_hist.y0s, ct_user_hist.coeffs))
-    ct_hist = _HistoryCotangent(*ct_dense)
-
+    s_save = prog.save_times
     first = jtu.tree_map(lambda b: b[0], ckpts)
-    back_step = _back_step(steps_program, prog, prog.n_save, max_steps, True, steps_only=True)
+    back_step = _back_step(steps_program, prog, prog.n_save, max_steps, prog.dense is not None, steps_only=True)
 
     def back(c):
-        i, ct_packed, ct_d = c
+        # Attempt ``i`` saved the points ``[save_index(ckpts[i]), nxt)``.
+        i, nxt, ct_packed, ct_d, ct_s = c
         p = jtu.tree_map(lambda b: b[i], ckpts)
-        ct_p, ct_dd = back_step(p, ct_packed, d, None, ct_hist, first)
-        return i - 1, ct_p, jtu.tree_map(_add, ct_d, ct_dd)
+        i0 = prog.save_index(p)
+        ct_p, ct_dd, ct_s = back_step(p, ct_packed, d, ct_ys, ct_hist, first, (i0, nxt, ct_s))
+        return i - 1, i0, ct_p, jtu.tree_map(_add, ct_d, ct_dd), ct_s
 
-    _, ct_packed, ct_d = lax.while_loop(lambda c: c[0] >= 0, back, (n_iter - 1, ct_final, ct_d))
+    ct0 = (n_iter - 1, last_saved, zero_tangents(prog.packed), zero_tangents(d), jnp.zeros_like(s_save))
+    _, _, ct_packed, ct_d, ct_s = lax.while_loop(lambda c: c[0] >= 0, back, ct0)
 
-    # The initial carry and the first step boundary depend on the inputs
-    # directly (``ys[0]`` is in the saves' vjp above).
+    # The initial carry, the first saved value (y0 itself), the first step
+    # boundary and the save times depend on the inputs directly.
+    dense = prog.dense is not None
+
     def initial(dd):
         p = steps_program(dd)
-        return p.packed, p.dense[0][0]
+        return p.packed, jtu.tree_map(lambda y: y[0], p.ys), (p.dense[0][0] if dense else None), p.save_times
 
     _, vjp_init = jax.vjp(initial, d)
-    (ct_di,) = vjp_init((ct_packed, ct_hist.ts[0]))
+    ct_first = jtu.tree_map(lambda c: c[0], ct_ys)
+    (ct_di,) = vjp_init((ct_packed, ct_first, ct_hist.ts[0] if dense else None, ct_s))
     return (jtu.tree_map(_add, ct_d, ct_di),)
 
 
-class _HistoryCotangent(NamedTuple):
-    ts: Any
-    y0s: Any
-    coeffs: Any
-
-
 def _back_step(program, prog, n_save, max_steps, dense, steps_only=False):
-    """``(packed, ct_packed, d, ct_ys, ct_hist, first) -> (ct_packed_in, ct_d)``:
-    the cotangents of one iteration's inputs from those of its outputs.
+    """``(packed, ct_packed, d, ct_ys, ct_hist, first, saves) -> (ct_packed_in,
+    ct_d, ct_s)``: the cotangents of one iteration's inputs from those of its
+    outputs.
+
+    ``steps_only``: the iteration is a step attempt alone (`_fwd_steps`) and
+    ``saves = (i0, i1, ct_s)`` says which points of ``t`` it saved after the
+    step: their cotangents (in ``ct_ys``) go to the step's polynomial and
+    their times' to ``ct_s`` (the loop save times'), which is returned
+    updated. Otherwise ``saves`` and the returned ``ct_s`` are None.
 
     A lane whose condition is false (finished, or masked under `jax.vmap`)
     passes its cotangent through. Its iteration is replayed from the initial
@@ -365,9 +358,10 @@ def _back_step(program, prog, n_save, max_steps, dense, steps_only=False):
     length zero there may have non-finite partials (0/0 in a stochastic step),
     which a zero cotangent would turn into NaN.
     """
+    s_save = prog.save_times
 
     def out_cotangents(save_at, save_val, step, step_index, ct_packed, ct_ys, ct_hist, active):
-        if ct_ys is None:
+        if steps_only:
             ct_save = zero_tangents(save_val)
         else:
             ok_save = active & (save_at < n_save)
@@ -389,51 +383,70 @@ def _back_step(program, prog, n_save, max_steps, dense, steps_only=False):
         ct_new = jtu.tree_map(lambda c: jnp.where(active, c, jnp.zeros_like(c)), ct_packed)
         return ct_new, zero_tangents(save_at), ct_save, ct_step
 
+    def with_saves(outs, step, ct_ys, saves, active):
+        # The points ``[i0, i1)`` saved on this step's polynomial.
+        if not steps_only:
+            return outs, None
+        ct_new, ct_at, ct_save, ct_step = outs
+        i0, i1, ct_s = saves
+
+        def one(j, acc):
+            ct_step, ct_s = acc
+            _, vjp_fn = jax.vjp(prog.interpolate_step, s_save[j], step)
+            c_s, c_step = vjp_fn(jtu.tree_map(lambda c: c[j], ct_ys))
+            ct_s = lax.dynamic_update_index_in_dim(ct_s, ct_s[j] + c_s, j, 0)
+            return jtu.tree_map(_add, ct_step, c_step), ct_s
+
+        ct_step, ct_s = lax.fori_loop(i0, jnp.where(active, i1, i0), one, (ct_step, ct_s))
+        return (ct_new, ct_at, ct_save, ct_step), ct_s
+
     def branch_back(index):
         # The cotangents through one branch alone (1: save, 2: step), its
         # forward recomputed and transposed in one place.
-        def back(packed, ct_float, d, ct_ys, ct_hist):
+        def back(packed, ct_float, d, ct_ys, ct_hist, saves):
             ct_packed = _merge_floats(prog.packed, ct_float)
             step_index = prog.step_index(packed)
             (_, save_at, save_val, step), vjp_fn = jax.vjp(lambda p, dd: program(dd).branches[index - 1](p),
                                                            packed, d)
-            ct_p, ct_d = vjp_fn(out_cotangents(save_at, save_val, step, step_index, ct_packed, ct_ys, ct_hist, True))
-            return _float_leaves(ct_p), ct_d
+            outs = out_cotangents(save_at, save_val, step, step_index, ct_packed, ct_ys, ct_hist, True)
+            outs, ct_s = with_saves(outs, step, ct_ys, saves, True)
+            ct_p, ct_d = vjp_fn(outs)
+            return _float_leaves(ct_p), ct_d, ct_s
 
         return back
 
-    def skip(packed, ct_float, d, ct_ys, ct_hist):
-        return ct_float, zero_tangents(d)
+    def skip(packed, ct_float, d, ct_ys, ct_hist, saves):
+        return ct_float, zero_tangents(d), (saves[2] if steps_only else None)
 
-    def back_unbatched(packed, ct_packed, d, ct_ys, ct_hist, first):
+    def back_unbatched(packed, ct_packed, d, ct_ys, ct_hist, saves):
         # Outside `jax.vmap` (as `solve` sees it): one `switch` over whole
         # backward branches. The vjp of the iteration's own `cond` would carry
         # the union of both branches' residuals out of a forward `cond` into a
         # transposed one -- dozens of scalar buffers, each a copy per iteration,
         # which cost more than the arithmetic on small states. (Under a `vmap`
-        # `solve` cannot see, the switch becomes a select of the three results:
-        # an unselected branch's non-finite values are discarded, not
-        # multiplied by zero.)
+        # `solve` cannot see, the switch becomes a select of the results: an
+        # unselected branch's non-finite values are discarded, not multiplied
+        # by zero.)
+        operands = (packed, _float_leaves(ct_packed), d, ct_ys, ct_hist, saves)
         if steps_only:
-            ct_float = lax.cond(prog.step_cond(packed), branch_back(2), skip,
-                                packed, _float_leaves(ct_packed), d, ct_ys, ct_hist)
+            ct_p, ct_d, ct_s = lax.cond(prog.step_cond(packed), branch_back(2), skip, *operands)
         else:
-            ct_float = lax.switch(prog.kind(packed), [skip, branch_back(1), branch_back(2)],
-                                  packed, _float_leaves(ct_packed), d, ct_ys, ct_hist)
-        ct_p, ct_d = ct_float
-        return _merge_floats(ct_packed, ct_p), ct_d
+            ct_p, ct_d, ct_s = lax.switch(prog.kind(packed), [skip, branch_back(1), branch_back(2)], *operands)
+        return _merge_floats(ct_packed, ct_p), ct_d, ct_s
 
-    def back(packed, ct_packed, d, ct_ys, ct_hist, first):
+    def back(packed, ct_packed, d, ct_ys, ct_hist, first, saves=None):
         if prog.lanes == 1:
-            return back_unbatched(packed, ct_packed, d, ct_ys, ct_hist, first)
+            return back_unbatched(packed, ct_packed, d, ct_ys, ct_hist, saves)
         active = (prog.step_cond if steps_only else prog.cond)(packed)
         safe = jtu.tree_map(lambda a, b: jnp.where(active, a, b), packed, first)
         step_index = prog.step_index(safe)
         (_, save_at, save_val, step), vjp_fn = jax.vjp(
             lambda p, dd: _masked_iteration(program(dd), p, steps_only), safe, d)
-        ct_p, ct_d = vjp_fn(out_cotangents(save_at, save_val, step, step_index, ct_packed, ct_ys, ct_hist, active))
+        outs = out_cotangents(save_at, save_val, step, step_index, ct_packed, ct_ys, ct_hist, active)
+        outs, ct_s = with_saves(outs, step, ct_ys, saves, active)
+        ct_p, ct_d = vjp_fn(outs)
         ct_p = jtu.tree_map(lambda a, b: a if _is_float0(a) else jnp.where(active, a, b), ct_p, ct_packed)
-        return ct_p, ct_d
+        return ct_p, ct_d, ct_s
 
     return back
 
