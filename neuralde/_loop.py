@@ -519,6 +519,16 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
     def add_last(reduced):
         return (*reduced, zero_y, coeff_zeros)
 
+    def split_times(packed):
+        # ``(times, rest)``: the carry's times, step size, error and counters
+        # -- functions of the save times alone, or constants, for solvers
+        # without breakpoints (the step-size sequence is not differentiated)
+        # -- and the states.
+        return packed[:2], packed[2:]
+
+    def join_times(times, rest):
+        return (*times, *rest)
+
     def save_index(packed):
         return _unpack(packed).save_idx
 
@@ -636,6 +646,7 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
         cond=cond_fun, iteration=iteration, kind=kind, branches=(save_iteration, step_iteration),
         step_cond=step_cond, save_passed=save_passed, save_index=save_index, interpolate_step=interpolate_step,
         save_times=s_save, write_dense=write_dense, drop_last=drop_last, add_last=add_last,
+        split_times=split_times, join_times=join_times, moving_steps=breakpoints is not None,
         apply_writes=apply_writes, report=lambda p: report(_unpack(p)),
         step_index=lambda p: _unpack(p).num_steps,
         start=start, finalize=finalize, run_while=run_while, run_bounded=run_bounded,
@@ -657,6 +668,9 @@ class Program(NamedTuple):
     ``drop_last``/``add_last`` take the last step's polynomial (which only the
     save iterations read) out of a carry and put zeros back;
     ``write_dense(dense, step_index, step)`` records an accepted step;
+    ``split_times``/``join_times`` separate a carry's times and counters from
+    its states (``moving_steps``: the step ends depend on more than the save
+    times, as a delay equation's breakpoints on its lags);
     ``apply_writes`` stores an iteration's outputs, ``finalize`` packages the
     result; ``run_while``/``run_bounded`` are the two ready-made loops."""
 
@@ -679,6 +693,9 @@ class Program(NamedTuple):
     write_dense: Any
     drop_last: Any
     add_last: Any
+    split_times: Any
+    join_times: Any
+    moving_steps: bool
     apply_writes: Any
     report: Any
     step_index: Any

@@ -115,6 +115,28 @@ def test_grad_wrt_final_time():
     np.testing.assert_allclose(np.asarray(jac), np.asarray(lotka_volterra(T, final(T), P)), rtol=1e-7)
 
 
+def test_grad_wrt_every_save_time():
+    # d/dt_i sum_k y(t_k) = sum(f(t_i, y(t_i))) at an interior save time. The
+    # default CheckpointAdjoint then differentiates the loop's times too (they
+    # are constants, left out of its backward steps, when t is not
+    # differentiated); it agrees with ReverseMode to round-off.
+    ts = jnp.linspace(0.0, 3.0, 7)
+
+    def total(sensitivity):
+        def f(ts):
+            sol = nde.solve(nde.ODETerm(lotka_volterra), nde.Tsit5(), U0, ts, args=P, rtol=1e-10, atol=1e-10,
+                            sensitivity=sensitivity)
+            return jnp.sum(sol.ys), sol.ys
+
+        return jax.jit(jax.grad(f, has_aux=True))(ts)
+
+    g, ys = total(nde.CheckpointAdjoint())
+    ref, _ = total(nde.ReverseMode())
+    np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-9, atol=1e-12)
+    exact = [float(jnp.sum(lotka_volterra(ts[i], ys[i], P))) for i in range(1, 6)]
+    np.testing.assert_allclose(np.asarray(g[1:6]), exact, rtol=1e-6)
+
+
 class MLPField(eqx.Module):
     mlp: eqx.nn.MLP
 

@@ -10,6 +10,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from .base import AbstractSensitivity, closure_convert_term, zero_tangents
 
@@ -32,7 +33,10 @@ class CheckpointAdjoint(AbstractSensitivity):
     applies `jax.vjp` of one step attempt, recomputed from its checkpoint,
     from the last attempt to the first, the cotangents of the points it saved
     added to those of its polynomial. A point of ``t`` costs no iteration of
-    the main loop either way.
+    the main loop either way. When ``t`` is not differentiated (and no delay
+    breakpoint moves the steps), every time in the loop is a constant, and
+    the backward steps differentiate the states and the differentiated inputs
+    only.
 
     Otherwise the forward pass is a `lax.while_loop` of step-or-save
     iterations that stores the loop carry (state, FSAL derivative, last step's
@@ -124,8 +128,18 @@ class CheckpointAdjoint(AbstractSensitivity):
         def solve(d):
             return program(d).run_while()
 
+        # Which inputs are differentiated (`symbolic_zeros=True` tells the
+        # forward rule): when the save times are not, and no breakpoint moves
+        # the steps, every time in the loop is a constant and the backward
+        # steps leave the times out of their vjps.
+        seen = {}
+
         def fwd(d):
+            mask = jtu.tree_map(lambda x: x.perturbed, d, is_leaf=_is_primal)
+            d = jtu.tree_map(lambda x: x.value, d, is_leaf=_is_primal)
             prog = program(d)
+            seen["mask"] = mask
+            seen["const_times"] = not mask[3] and not prog.moving_steps
             if self._steps_only(prog):
                 return _fwd_steps(program, d)
             slots, _ = self.plan(prog.max_iters, _carry_bytes(prog.packed) * prog.lanes)
@@ -173,8 +187,9 @@ class CheckpointAdjoint(AbstractSensitivity):
             return out, (d, ckpts, n_iter, stride)
 
         def bwd(res, ct_out):
+            ct_out = jtu.tree_map(_instantiate, ct_out, is_leaf=_is_symbolic_zero)
             if self._steps_only(program(res[0])):
-                return _bwd_steps(program, res, ct_out)
+                return _bwd_steps(program, res, ct_out, seen["mask"] if seen["const_times"] else None)
             d, ckpts, n_iter, stride = res
             (ct_ys, ct_hist), _ = ct_out
             prog = program(d)
@@ -246,7 +261,7 @@ class CheckpointAdjoint(AbstractSensitivity):
             (ct_di,) = vjp_init((ct_packed, ct_first, ct_t0))
             return (jtu.tree_map(_add, ct_d, ct_di),)
 
-        solve.defvjp(fwd, bwd)
+        solve.defvjp(fwd, bwd, symbolic_zeros=True)
         return solve(dyn)
 
 
@@ -303,10 +318,12 @@ def _fwd_steps(program, d):
     return prog.finalize(packed, ys, dense), (d, ckpts, n_iter, prog.save_index(packed))
 
 
-def _bwd_steps(program, res, ct_out):
+def _bwd_steps(program, res, ct_out, const_mask=None):
     """The backward pass of `_fwd_steps`: the step attempts in reverse, each
     recomputed from its checkpoint, with the cotangents of the points it saved
-    added to those of its polynomial."""
+    added to those of its polynomial. ``const_mask`` (when the loop's times
+    are constants): which leaves of ``d`` are differentiated; the steps' vjps
+    then take only those and the states."""
     d, ckpts, n_iter, last_saved = res
     (ct_ys, ct_hist), _ = ct_out
     steps_program = lambda dd: _steps_view(program(dd))  # noqa: E731
@@ -314,7 +331,8 @@ def _bwd_steps(program, res, ct_out):
     max_steps = prog.max_iters - prog.n_save
     s_save = prog.save_times
     first = jtu.tree_map(lambda b: b[0], ckpts)
-    back_step = _back_step(steps_program, prog, prog.n_save, max_steps, prog.dense is not None, steps_only=True)
+    back_step = _back_step(steps_program, prog, prog.n_save, max_steps, prog.dense is not None, steps_only=True,
+                           const_mask=const_mask)
 
     def back(c):
         # Attempt ``i`` saved the points ``[save_index(ckpts[i]), nxt)``.
@@ -341,7 +359,7 @@ def _bwd_steps(program, res, ct_out):
     return (jtu.tree_map(_add, ct_d, ct_di),)
 
 
-def _back_step(program, prog, n_save, max_steps, dense, steps_only=False):
+def _back_step(program, prog, n_save, max_steps, dense, steps_only=False, const_mask=None):
     """``(packed, ct_packed, d, ct_ys, ct_hist, first, saves) -> (ct_packed_in,
     ct_d, ct_s)``: the cotangents of one iteration's inputs from those of its
     outputs.
@@ -351,6 +369,10 @@ def _back_step(program, prog, n_save, max_steps, dense, steps_only=False):
     step: their cotangents (in ``ct_ys``) go to the step's polynomial and
     their times' to ``ct_s`` (the loop save times'), which is returned
     updated. Otherwise ``saves`` and the returned ``ct_s`` are None.
+    ``const_mask`` (steps only, outside `jax.vmap`): the loop's times are
+    constants and the mask says which leaves of ``d`` are differentiated; the
+    vjps leave out the times (the carry's, the save times, the step ends) and
+    the other leaves, whose cotangents are zero.
 
     A lane whose condition is false (finished, or masked under `jax.vmap`)
     passes its cotangent through. Its iteration is replayed from the initial
@@ -392,8 +414,17 @@ def _back_step(program, prog, n_save, max_steps, dense, steps_only=False):
 
         def one(j, acc):
             ct_step, ct_s = acc
+            ct_j = jtu.tree_map(lambda c: c[j], ct_ys)
+            if const_mask is not None:
+                # Constant times: the polynomial's states and coefficients only.
+                _, vjp_fn = jax.vjp(
+                    lambda y0, y1, c: prog.interpolate_step(s_save[j], step._replace(y0=y0, y1=y1, coeffs=c)),
+                    step.y0, step.y1, step.coeffs)
+                c_y0, c_y1, c_c = vjp_fn(ct_j)
+                c_step = zero_tangents(step)._replace(y0=c_y0, y1=c_y1, coeffs=c_c)
+                return jtu.tree_map(_add, ct_step, c_step), ct_s
             _, vjp_fn = jax.vjp(prog.interpolate_step, s_save[j], step)
-            c_s, c_step = vjp_fn(jtu.tree_map(lambda c: c[j], ct_ys))
+            c_s, c_step = vjp_fn(ct_j)
             ct_s = lax.dynamic_update_index_in_dim(ct_s, ct_s[j] + c_s, j, 0)
             return jtu.tree_map(_add, ct_step, c_step), ct_s
 
@@ -406,8 +437,22 @@ def _back_step(program, prog, n_save, max_steps, dense, steps_only=False):
         def back(packed, ct_float, d, ct_ys, ct_hist, saves):
             ct_packed = _merge_floats(prog.packed, ct_float)
             step_index = prog.step_index(packed)
-            (_, save_at, save_val, step), vjp_fn = jax.vjp(lambda p, dd: program(dd).branches[index - 1](p),
-                                                           packed, d)
+            if const_mask is None:
+                (_, save_at, save_val, step), vjp_fn = jax.vjp(lambda p, dd: program(dd).branches[index - 1](p),
+                                                               packed, d)
+            else:
+                times, states = prog.split_times(packed)
+                d_var, d_const = eqx.partition(d, const_mask)
+
+                def fn(states, d_var):
+                    return program(eqx.combine(d_var, d_const)).branches[index - 1](prog.join_times(times, states))
+
+                (_, save_at, save_val, step), vjp_states = jax.vjp(fn, states, d_var)
+
+                def vjp_fn(outs):
+                    ct_states, ct_var = vjp_states(outs)
+                    ct_p = prog.join_times(zero_tangents(times), ct_states)
+                    return ct_p, eqx.combine(ct_var, zero_tangents(d_const))
             outs = out_cotangents(save_at, save_val, step, step_index, ct_packed, ct_ys, ct_hist, True)
             outs, ct_s = with_saves(outs, step, ct_ys, saves, True)
             ct_p, ct_d = vjp_fn(outs)
@@ -449,6 +494,22 @@ def _back_step(program, prog, n_save, max_steps, dense, steps_only=False):
         return ct_p, ct_d, ct_s
 
     return back
+
+
+def _is_primal(x):
+    return isinstance(x, CustomVJPPrimal)
+
+
+def _is_symbolic_zero(x):
+    return isinstance(x, SymbolicZero)
+
+
+def _instantiate(ct):
+    """A symbolic zero cotangent as an array of zeros (float0 for integers)."""
+    if isinstance(ct, SymbolicZero):
+        return jnp.zeros(ct.aval.shape, ct.aval.dtype) if ct.aval.dtype != jax.dtypes.float0 else \
+            np.zeros(ct.aval.shape, jax.dtypes.float0)
+    return ct
 
 
 def _float_leaves(tree):
