@@ -139,7 +139,8 @@ class CheckpointAdjoint(AbstractSensitivity):
             d = jtu.tree_map(lambda x: x.value, d, is_leaf=_is_primal)
             prog = program(d)
             seen["mask"] = mask
-            seen["const_times"] = not mask[3] and not prog.moving_steps
+            ts_perturbed = mask[3]  # d is (term, y0, args, ts, rtol, atol, dt0)
+            seen["const_times"] = not ts_perturbed and not prog.moving_steps
             if self._steps_only(prog):
                 return _fwd_steps(program, d)
             slots, _ = self.plan(prog.max_iters, _carry_bytes(prog.packed) * prog.lanes)
@@ -506,10 +507,11 @@ def _is_symbolic_zero(x):
 
 def _instantiate(ct):
     """A symbolic zero cotangent as an array of zeros (float0 for integers)."""
-    if isinstance(ct, SymbolicZero):
-        return jnp.zeros(ct.aval.shape, ct.aval.dtype) if ct.aval.dtype != jax.dtypes.float0 else \
-            np.zeros(ct.aval.shape, jax.dtypes.float0)
-    return ct
+    if not isinstance(ct, SymbolicZero):
+        return ct
+    if ct.aval.dtype == jax.dtypes.float0:
+        return np.zeros(ct.aval.shape, jax.dtypes.float0)
+    return jnp.zeros(ct.aval.shape, ct.aval.dtype)
 
 
 def _float_leaves(tree):
