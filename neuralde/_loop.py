@@ -529,6 +529,10 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
     def join_times(times, rest):
         return (*times, *rest)
 
+    def step_size(packed):
+        # The next step size the carry proposes (loop time, positive).
+        return _unpack(packed).dt
+
     def save_index(packed):
         return _unpack(packed).save_idx
 
@@ -558,7 +562,7 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
         ys = _write(ys, save_at, save_val, save_at < n_save)
         return ys, write_dense(dense, step_index, step)
 
-    def run_while():
+    def run_while(return_carry=False):
         # Save-driven, as jax.experimental.ode.odeint: a scan walks the save
         # times and stacks the saved values (no output buffer in any carry); the
         # inner loop steps, with a small carry, until the save time is passed;
@@ -586,7 +590,8 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
         start()
         (packed, dense_out), saved = lax.scan(outer_body, (_pack(core), dense), s_save[1:])
         ys_out = jtu.tree_map(lambda first, rest: jnp.concatenate([first[:1], rest]), ys, saved)
-        return finalize(packed, ys_out, dense_out)
+        out = finalize(packed, ys_out, dense_out)
+        return (out, packed) if return_carry else out
 
     def run_bounded():
         def skip(packed):
@@ -646,7 +651,7 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
         cond=cond_fun, iteration=iteration, kind=kind, branches=(save_iteration, step_iteration),
         step_cond=step_cond, save_passed=save_passed, save_index=save_index, interpolate_step=interpolate_step,
         save_times=s_save, write_dense=write_dense, drop_last=drop_last, add_last=add_last,
-        split_times=split_times, join_times=join_times, moving_steps=breakpoints is not None,
+        split_times=split_times, join_times=join_times, moving_steps=breakpoints is not None, step_size=step_size,
         apply_writes=apply_writes, report=lambda p: report(_unpack(p)),
         step_index=lambda p: _unpack(p).num_steps,
         start=start, finalize=finalize, run_while=run_while, run_bounded=run_bounded,
@@ -670,9 +675,11 @@ class Program(NamedTuple):
     ``write_dense(dense, step_index, step)`` records an accepted step;
     ``split_times``/``join_times`` separate a carry's times and counters from
     its states (``moving_steps``: the step ends depend on more than the save
-    times, as a delay equation's breakpoints on its lags);
+    times, as a delay equation's breakpoints on its lags); ``step_size(packed)``
+    is the step a carry proposes next;
     ``apply_writes`` stores an iteration's outputs, ``finalize`` packages the
-    result; ``run_while``/``run_bounded`` are the two ready-made loops."""
+    result; ``run_while``/``run_bounded`` are the two ready-made loops
+    (``run_while(return_carry=True)`` returns the final carry too)."""
 
     packed: Any
     ys: Any
@@ -696,6 +703,7 @@ class Program(NamedTuple):
     split_times: Any
     join_times: Any
     moving_steps: bool
+    step_size: Any
     apply_writes: Any
     report: Any
     step_index: Any

@@ -121,24 +121,31 @@ class BacksolveAdjoint(AbstractSensitivity):
 
             n = ts_d.shape[0]
 
-            def segment(carry, i):
-                a, g = carry
+            def segment_program(a, g, i, dt0):
                 a = jtu.tree_map(lambda a_, c: a_ + c[i], a, ct_ys)
                 y_i = jtu.tree_map(lambda y: y[i], ys)
-                z0 = (y_i, a, g)
                 seg_ts = jnp.stack([ts_d[i], ts_d[i - 1]])
-                prog = build((aug_term, z0, theta, seg_ts, rtol_v, atol_v, dt0_v),
-                             dense=False, progress=False, error_norm=norm)
-                (zs, _), (_, status) = prog.run_while()
+                return y_i, build((aug_term, (y_i, a, g), theta, seg_ts, rtol_v, atol_v, dt0),
+                                  dense=False, progress=False, error_norm=norm)
+
+            def segment(carry, i):
+                # Each segment starts with the step size the previous one
+                # proposed (no initial-step estimate, two augmented evaluations,
+                # per save time); the first with the usual estimate (or dt0).
+                a, g, dt = carry
+                y_i, prog = segment_program(a, g, i, dt)
+                ((zs, _), (_, status)), packed = prog.run_while(return_carry=True)
                 _, a1, g1 = jtu.tree_map(lambda z: z[-1], zs)
                 # dL/dt_i through y_i = y(t_i): <dL/dy_i, f(t_i, y_i)>.
                 f_i = field(ts_d[i], y_i, theta)
                 ct_t = _dot(jtu.tree_map(lambda c: c[i], ct_ys), f_i)
-                return (a1, g1), (ct_t, status)
+                return (a1, g1, prog.step_size(packed)), (ct_t, status)
 
             a0 = jtu.tree_map(jnp.zeros_like, y0_d)
             g0 = jtu.tree_map(jnp.zeros_like, theta)
-            (a, g), (ct_t_rest, statuses) = lax.scan(segment, (a0, g0), jnp.arange(n - 1, 0, -1))
+            first = segment_program(a0, g0, n - 1, dt0_v)[1]
+            dt_first = first.step_size(first.packed)
+            (a, g, _), (ct_t_rest, statuses) = lax.scan(segment, (a0, g0, dt_first), jnp.arange(n - 1, 0, -1))
             if settings["throw"]:
                 # A failed backward solve leaves NaN in the gradient: say why.
                 a, g, ct_t_rest = eqx.error_if((a, g, ct_t_rest), jnp.any(statuses != 0), _BACKWARD_FAILED)
