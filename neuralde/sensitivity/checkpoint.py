@@ -146,44 +146,52 @@ class CheckpointAdjoint(AbstractSensitivity):
             slots, _ = self.plan(prog.max_iters, _carry_bytes(prog.packed) * prog.lanes)
             ckpts = jtu.tree_map(lambda x: jnp.zeros((slots,) + x.shape, x.dtype), prog.packed)
 
-            def compact(state):
-                # Full: keep every other checkpoint, double the stride.
-                ckpts, stride = state
-                half = (slots + 1) // 2
-                return jtu.tree_map(lambda b: jnp.concatenate([b[0::2], b[half:]]), ckpts), 2 * stride
+            half = (slots + 1) // 2
 
             def body(c):
-                # ``it`` counts the loop's iterations; it and ``stride`` stay
-                # unbatched under `jax.vmap` (the loop runs while any lane is
-                # active, see `_masked_iteration`): the writes are in place and
-                # the compaction is a real branch.
+                # One iteration. ``it`` counts the loop's iterations; it and
+                # ``stride`` stay unbatched under `jax.vmap` (the loop runs
+                # while any lane is active, see `_masked_iteration`), so the
+                # writes are in place.
                 packed, ys, dense, it, stride, ckpts = c
-                if slots >= prog.max_iters:
-                    # Every iteration has its slot: no stride, no compaction.
-                    ckpts = jtu.tree_map(
-                        lambda b, x: lax.dynamic_update_index_in_dim(b, x, jnp.minimum(it, slots - 1), 0),
-                        ckpts, packed)
-                else:
-                    due = it % stride == 0
-                    ckpts, stride = lax.cond(due & (it // stride >= slots), compact, lambda st: st, (ckpts, stride))
-                    due = it % stride == 0
-                    slot = jnp.minimum(it // stride, slots - 1)
-                    ckpts = jtu.tree_map(
-                        lambda b, x: lax.dynamic_update_index_in_dim(
-                            b, jnp.where(due, x, lax.dynamic_index_in_dim(b, slot, 0, keepdims=False)), slot, 0),
-                        ckpts, packed)
+                due = it % stride == 0
+                slot = jnp.minimum(it // stride, slots - 1)
+                ckpts = jtu.tree_map(
+                    lambda b, x: lax.dynamic_update_index_in_dim(
+                        b, jnp.where(due, x, lax.dynamic_index_in_dim(b, slot, 0, keepdims=False)), slot, 0),
+                    ckpts, packed)
                 step_index = prog.step_index(packed)
                 packed, save_at, save_val, step = _masked_iteration(prog, packed)
                 ys, dense = prog.apply_writes(ys, dense, step_index, save_at, save_val, step)
                 prog.report(packed)
                 return packed, ys, dense, it + 1, stride, ckpts
 
+            def running(c):
+                return eqxi.unvmap_any(prog.cond(c[0]))
+
+            def full(c):
+                it, stride = c[3], c[4]
+                return (it % stride == 0) & (it // stride >= slots)
+
+            def epoch(c):
+                # Iterations at one stride until the slots are full (or the
+                # solve ends); a full buffer first keeps every other
+                # checkpoint, moved down in place, and doubles the stride. A
+                # loop of its own, not a branch in every iteration: a `cond`
+                # with the buffer as operand would copy it in and out.
+                packed, ys, dense, it, stride, ckpts = c
+                compact = full(c)
+                move = lambda m, ck: jtu.tree_map(  # noqa: E731
+                    lambda b: lax.dynamic_update_index_in_dim(b, b[2 * m], m, 0), ck)
+                ckpts = lax.fori_loop(0, jnp.where(compact, half, 0), move, ckpts)
+                stride = jnp.where(compact, 2 * stride, stride)
+                return lax.while_loop(lambda c: running(c) & ~full(c), body,
+                                      (packed, ys, dense, it, stride, ckpts))
+
             prog.start()
             one = jnp.asarray(1, jnp.int32)
             packed, ys, dense, n_iter, stride, ckpts = lax.while_loop(
-                lambda c: eqxi.unvmap_any(prog.cond(c[0])), body,
-                (prog.packed, prog.ys, prog.dense, jnp.asarray(0, jnp.int32), one, ckpts)
-            )
+                running, epoch, (prog.packed, prog.ys, prog.dense, jnp.asarray(0, jnp.int32), one, ckpts))
             out = prog.finalize(packed, ys, dense)
             return out, (d, ckpts, n_iter, stride)
 
@@ -208,46 +216,36 @@ class CheckpointAdjoint(AbstractSensitivity):
                 ct_p, ct_dd, _ = back_step(packed, ct_packed, d, ct_ys, ct_hist, first)
                 return ct_p, jtu.tree_map(_add, ct_d, ct_dd)
 
-            def back(c):
-                # Iteration ``i`` (from the last to the first). It lies in
-                # segment ``k = i // stride`` of checkpoint ``k``; entering a
-                # segment (at its last iteration) recomputes its carries from
-                # the checkpoint, unless the stride is 1 (every iteration is a
-                # checkpoint).
-                i, ct_packed, ct_d, carries = c
-                if max_stride == 1:
-                    p = jtu.tree_map(lambda b: b[i], ckpts)
-                    return (i - 1, *one_back(p, ct_packed, ct_d), carries)
-                k = i // stride
-                j = i - k * stride
+            def segment(c):
+                # Segment ``k`` (from the last to the first): its carries are
+                # recomputed from checkpoint ``k`` into one buffer, which the
+                # inner loop then walks in reverse. Nested loops, no branch
+                # with the buffer as operand (a `cond` would copy it in and out).
+                k, ct_packed, ct_d, carries = c
                 count = jnp.minimum(stride, n_iter - k * stride)
+                start = jtu.tree_map(lambda b: b[k], ckpts)
+                carries = jtu.tree_map(lambda b, x: lax.dynamic_update_index_in_dim(b, x, 0, 0), carries, start)
 
-                def recompute(carries):
-                    start = jtu.tree_map(lambda b: b[k], ckpts)
-                    carries = jtu.tree_map(lambda b, x: lax.dynamic_update_index_in_dim(b, x, 0, 0), carries, start)
+                def fill(m, bufs):
+                    nxt = _masked_iteration(prog, jtu.tree_map(lambda b: b[m], bufs))[0]
+                    return jtu.tree_map(lambda b, x: lax.dynamic_update_index_in_dim(b, x, m + 1, 0), bufs, nxt)
 
-                    def fill(m, bufs):
-                        nxt = _masked_iteration(prog, jtu.tree_map(lambda b: b[m], bufs))[0]
-                        return jtu.tree_map(lambda b, x: lax.dynamic_update_index_in_dim(b, x, m + 1, 0), bufs, nxt)
+                carries = lax.fori_loop(0, count - 1, fill, carries)
 
-                    return lax.fori_loop(0, count - 1, fill, carries)
+                def walk(w):
+                    j, ct_packed, ct_d = w
+                    return (j - 1, *one_back(jtu.tree_map(lambda b: b[j], carries), ct_packed, ct_d))
 
-                def strided(carries):
-                    carries = lax.cond(j == count - 1, recompute, lambda b: b, carries)
-                    return jtu.tree_map(lambda b: b[j], carries), carries
-
-                p, carries = lax.cond(stride == 1, lambda b: (jtu.tree_map(lambda c: c[i], ckpts), b), strided,
-                                      carries)
-                return (i - 1, *one_back(p, ct_packed, ct_d), carries)
+                _, ct_packed, ct_d = lax.while_loop(lambda w: w[0] >= 0, walk, (count - 1, ct_packed, ct_d))
+                return k - 1, ct_packed, ct_d, carries
 
             ct_packed0 = zero_tangents(prog.packed)
             ct_d0 = zero_tangents(d)
             # The carries of the segment being walked: one buffer for the pass.
             carries0 = jtu.tree_map(lambda x: jnp.zeros((max_stride,) + x.shape, x.dtype), first)
-            if max_stride == 1:
-                carries0 = None
+            n_segments = (n_iter + stride - 1) // stride
             _, ct_packed, ct_d, _ = lax.while_loop(
-                lambda c: c[0] >= 0, back, (n_iter - 1, ct_packed0, ct_d0, carries0))
+                lambda c: c[0] >= 0, segment, (n_segments - 1, ct_packed0, ct_d0, carries0))
 
             # The initial carry, the first saved value (y0 itself) and the
             # first step boundary depend on the inputs directly.
