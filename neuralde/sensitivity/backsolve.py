@@ -8,11 +8,10 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from .._controller import rms_norm
 from .._terms import ODETerm
-from .base import AbstractSensitivity, closure_convert_term, zero_tangents
+from .base import AbstractSensitivity, closure_convert_term, is_symbolic_zero, unwrap_primals, zero_tangents
 
 
 class BacksolveAdjoint(AbstractSensitivity):
@@ -73,7 +72,7 @@ class BacksolveAdjoint(AbstractSensitivity):
 
         def fwd(d):
             # With symbolic zeros, the primals arrive wrapped (value, perturbed).
-            d = jtu.tree_map(lambda x: x.value, d, is_leaf=lambda x: isinstance(x, CustomVJPPrimal))
+            d, _ = unwrap_primals(d)
             prog = program(d)
             settings["throw"] = prog.throw
             out = prog.run_while()
@@ -82,14 +81,14 @@ class BacksolveAdjoint(AbstractSensitivity):
         def bwd(res, ct_out):
             d, ys = res
             (ct_ys, ct_hist), _ = ct_out
-            used = [c for c in jtu.tree_leaves(ct_hist, is_leaf=_is_zero) if not isinstance(c, SymbolicZero)]
+            used = [c for c in jtu.tree_leaves(ct_hist, is_leaf=is_symbolic_zero) if not is_symbolic_zero(c)]
             if any(jnp.issubdtype(jnp.result_type(c), jnp.inexact) for c in used):
                 raise NotImplementedError(
                     "BacksolveAdjoint cannot differentiate through Solution.evaluate (dense output): use "
                     "CheckpointAdjoint() or ReverseMode() for that."
                 )
-            ct_ys = jtu.tree_map(lambda c, y: jnp.zeros_like(y) if isinstance(c, SymbolicZero) else c, ct_ys, ys,
-                                 is_leaf=_is_zero)
+            ct_ys = jtu.tree_map(lambda c, y: jnp.zeros_like(y) if is_symbolic_zero(c) else c, ct_ys, ys,
+                                 is_leaf=is_symbolic_zero)
             term_d, y0_d, args_d, ts_d, rtol_d, atol_d, dt0_d = d
             term_s, _, args_s, _, rtol_s, atol_s, dt0_s = static
             theta, theta_rest = eqx.partition((term_d, args_d), eqx.is_inexact_array)
@@ -176,10 +175,6 @@ class _AdjointTerm(ODETerm):
     its size is ``2 len(y)``, not ``2 len(y) + len(theta)``."""
 
     quadrature_last: ClassVar[bool] = True
-
-
-def _is_zero(x):
-    return isinstance(x, SymbolicZero)
 
 
 def _dot(a, b):

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from .._terms import SDETerm
 
@@ -33,6 +34,28 @@ def zero_tangents(tree):
         return np.zeros(jnp.shape(x), dtype=jax.dtypes.float0)
 
     return jtu.tree_map(leaf, tree)
+
+
+def unwrap_primals(d):
+    """``(values, perturbed)`` of a custom-VJP forward rule's inputs under
+    ``symbolic_zeros=True``: the arrays, and a matching tree of booleans that
+    say which of them are differentiated."""
+    is_primal = lambda x: isinstance(x, CustomVJPPrimal)  # noqa: E731
+    return (jtu.tree_map(lambda x: x.value, d, is_leaf=is_primal),
+            jtu.tree_map(lambda x: x.perturbed, d, is_leaf=is_primal))
+
+
+def is_symbolic_zero(x):
+    return isinstance(x, SymbolicZero)
+
+
+def instantiate_zero(ct):
+    """A symbolic zero cotangent as an array of zeros (float0 for integers)."""
+    if not isinstance(ct, SymbolicZero):
+        return ct
+    if ct.aval.dtype == jax.dtypes.float0:
+        return np.zeros(ct.aval.shape, jax.dtypes.float0)
+    return jnp.zeros(ct.aval.shape, ct.aval.dtype)
 
 
 class _ConvertedField(eqx.Module):

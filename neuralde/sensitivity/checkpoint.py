@@ -10,9 +10,9 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
-from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
-from .base import AbstractSensitivity, closure_convert_term, zero_tangents
+from .base import (AbstractSensitivity, closure_convert_term, instantiate_zero, is_symbolic_zero, unwrap_primals,
+                   zero_tangents)
 
 # With checkpoints=None, checkpoint every iteration while the buffer (every
 # `jax.vmap` lane's) takes at most _EVERY_STEP_BYTES; beyond it, as many slots
@@ -135,8 +135,7 @@ class CheckpointAdjoint(AbstractSensitivity):
         seen = {}
 
         def fwd(d):
-            mask = jtu.tree_map(lambda x: x.perturbed, d, is_leaf=_is_primal)
-            d = jtu.tree_map(lambda x: x.value, d, is_leaf=_is_primal)
+            d, mask = unwrap_primals(d)
             prog = program(d)
             seen["mask"] = mask
             ts_perturbed = mask[3]  # d is (term, y0, args, ts, rtol, atol, dt0)
@@ -196,7 +195,7 @@ class CheckpointAdjoint(AbstractSensitivity):
             return out, (d, ckpts, n_iter, stride)
 
         def bwd(res, ct_out):
-            ct_out = jtu.tree_map(_instantiate, ct_out, is_leaf=_is_symbolic_zero)
+            ct_out = jtu.tree_map(instantiate_zero, ct_out, is_leaf=is_symbolic_zero)
             if self._steps_only(program(res[0])):
                 return _bwd_steps(program, res, ct_out, seen["mask"] if seen["const_times"] else None)
             d, ckpts, n_iter, stride = res
@@ -493,23 +492,6 @@ def _back_step(program, prog, n_save, max_steps, dense, steps_only=False, const_
         return ct_p, ct_d, ct_s
 
     return back
-
-
-def _is_primal(x):
-    return isinstance(x, CustomVJPPrimal)
-
-
-def _is_symbolic_zero(x):
-    return isinstance(x, SymbolicZero)
-
-
-def _instantiate(ct):
-    """A symbolic zero cotangent as an array of zeros (float0 for integers)."""
-    if not isinstance(ct, SymbolicZero):
-        return ct
-    if ct.aval.dtype == jax.dtypes.float0:
-        return np.zeros(ct.aval.shape, jax.dtypes.float0)
-    return jnp.zeros(ct.aval.shape, ct.aval.dtype)
 
 
 def _float_leaves(tree):
