@@ -436,10 +436,13 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
         i = jnp.minimum(core.save_idx, n_save - 1)
         return (core.save_idx < n_save) & (s_save[i] <= core.t)
 
+    def stepping(core):
+        # Steps remain to be taken (saves aside).
+        return (core.status == Status.SUCCESS) & (core.t < s_end) & (attempts(core) < max_steps)
+
     def cond_fun(packed):
         core = _unpack(packed)
-        running = (core.t < s_end) & (attempts(core) < max_steps)
-        return (core.status == Status.SUCCESS) & (pending(core) | running)
+        return stepping(core) | ((core.status == Status.SUCCESS) & pending(core))
 
     zero_y = jtu.tree_map(jnp.zeros_like, y0)
 
@@ -507,8 +510,7 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
     def step_cond(packed):
         # The loop condition of a loop of steps alone, whose saves are made
         # after each step (`save_passed`).
-        core = _unpack(packed)
-        return (core.status == Status.SUCCESS) & (core.t < s_end) & (attempts(core) < max_steps)
+        return stepping(_unpack(packed))
 
     def drop_last(packed):
         # The carry without the last step's polynomial (``last``'s state and
@@ -548,8 +550,7 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
         ok = step.accept & (core.status == Status.SUCCESS)
 
         def cond(c):
-            i = c[0]
-            return ok & (i < n_save) & (s_save[jnp.minimum(i, n_save - 1)] <= core.t)
+            return ok & pending(core._replace(save_idx=c[0]))
 
         def body(c):
             i, ys = c

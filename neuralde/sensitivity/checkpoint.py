@@ -246,18 +246,7 @@ class CheckpointAdjoint(AbstractSensitivity):
             _, ct_packed, ct_d, _ = lax.while_loop(
                 lambda c: c[0] >= 0, segment, (n_segments - 1, ct_packed0, ct_d0, carries0))
 
-            # The initial carry, the first saved value (y0 itself) and the
-            # first step boundary depend on the inputs directly.
-            def initial(d):
-                p = program(d)
-                first = jtu.tree_map(lambda y: y[0], p.ys)
-                return p.packed, first, (p.dense[0][0] if dense else None)
-
-            _, vjp_init = jax.vjp(initial, d)
-            ct_first = jtu.tree_map(lambda c: c[0], ct_ys)
-            ct_t0 = ct_hist.ts[0] if dense else None
-            (ct_di,) = vjp_init((ct_packed, ct_first, ct_t0))
-            return (jtu.tree_map(_add, ct_d, ct_di),)
+            return (jtu.tree_map(_add, ct_d, _initial_cotangents(program, d, ct_packed, ct_ys, ct_hist)),)
 
         solve.defvjp(fwd, bwd, symbolic_zeros=True)
         return solve(dyn)
@@ -343,18 +332,25 @@ def _bwd_steps(program, res, ct_out, const_mask=None):
     ct0 = (n_iter - 1, last_saved, zero_tangents(prog.packed), zero_tangents(d), jnp.zeros_like(s_save))
     _, _, ct_packed, ct_d, ct_s = lax.while_loop(lambda c: c[0] >= 0, back, ct0)
 
-    # The initial carry, the first saved value (y0 itself), the first step
-    # boundary and the save times depend on the inputs directly.
-    dense = prog.dense is not None
+    return (jtu.tree_map(_add, ct_d, _initial_cotangents(steps_program, d, ct_packed, ct_ys, ct_hist, ct_s)),)
+
+
+def _initial_cotangents(program, d, ct_packed, ct_ys, ct_hist, ct_s=None):
+    """The cotangent of ``d`` through what depends on the inputs directly:
+    the initial carry, the first saved value (``y0`` itself), the first step
+    boundary of the dense history, and (``ct_s`` given) the loop's save
+    times."""
+    dense = program(d).dense is not None
 
     def initial(dd):
-        p = steps_program(dd)
-        return p.packed, jtu.tree_map(lambda y: y[0], p.ys), (p.dense[0][0] if dense else None), p.save_times
+        p = program(dd)
+        out = (p.packed, jtu.tree_map(lambda y: y[0], p.ys), p.dense[0][0] if dense else None)
+        return out if ct_s is None else (*out, p.save_times)
 
     _, vjp_init = jax.vjp(initial, d)
-    ct_first = jtu.tree_map(lambda c: c[0], ct_ys)
-    (ct_di,) = vjp_init((ct_packed, ct_first, ct_hist.ts[0] if dense else None, ct_s))
-    return (jtu.tree_map(_add, ct_d, ct_di),)
+    cts = (ct_packed, jtu.tree_map(lambda c: c[0], ct_ys), ct_hist.ts[0] if dense else None)
+    (ct_d,) = vjp_init(cts if ct_s is None else (*cts, ct_s))
+    return ct_d
 
 
 def _back_step(program, prog, n_save, max_steps, dense, steps_only=False, const_mask=None):
