@@ -9,7 +9,8 @@ accept or reject -> save. The loop is parameterised by
     step passes are filled in by a small inner `lax.while_loop` on the step's
     dense-output polynomial (no step is shortened to hit a save time). Used for
     the forward pass of every method that does not backpropagate through the
-    loop, and for forward-mode derivatives.
+    loop, and for forward-mode derivatives. On small problems XLA:CPU
+    compiles it as one kernel (`neuralde._single_kernel`).
   - ``"bounded"``: nested `lax.scan`s (see `bounded_while_loop`) that
     reverse-mode autodiff can traverse; blocks of iterations are skipped with
     `lax.cond` once the solve has finished, so the cost follows the steps
@@ -36,6 +37,7 @@ from . import _progress
 from . import _brownian
 from ._controller import PIController, all_finite, initial_step, scaled_error
 from ._interpolation import DenseHistory, evaluate_polynomial
+from ._single_kernel import single_kernel
 from ._solution import Status
 from .solvers.base import StepInfo
 
@@ -147,6 +149,39 @@ def _unpack(packed) -> _Core:
         num_fevals=ints[3], status=ints[4], last=(floats[3], last_y0, last_coeffs),
         extra=tuple(ints[6 + i] for i in range(ints.shape[0] - 6)),
     )
+
+
+class _Flat:
+    """A pytree of arrays as one flat array per dtype (the leaves raveled and
+    concatenated), and back. A while loop over the flat form carries a few
+    buffers instead of one per leaf: XLA writes each leaf of a loop's output
+    with its own kernel, and on small states those kernels, not the
+    arithmetic, are the cost of an iteration."""
+
+    def __init__(self, tree):
+        leaves, self.treedef = jtu.tree_flatten(tree)
+        self.dtypes = []
+        self.layout = []  # per leaf: (group, offset, shape)
+        sizes = []
+        for x in leaves:
+            dt = jnp.result_type(x)
+            if dt not in self.dtypes:
+                self.dtypes.append(dt)
+                sizes.append(0)
+            g = self.dtypes.index(dt)
+            self.layout.append((g, sizes[g], jnp.shape(x)))
+            sizes[g] += math.prod(jnp.shape(x))
+
+    def flatten(self, tree):
+        leaves = jtu.tree_leaves(tree)
+        groups = [[] for _ in self.dtypes]
+        for x, (g, _, _) in zip(leaves, self.layout):
+            groups[g].append(jnp.ravel(x))
+        return tuple(jnp.concatenate(p) if len(p) > 1 else p[0] for p in groups)
+
+    def unflatten(self, flat):
+        leaves = [lax.slice_in_dim(flat[g], o, o + math.prod(shape)).reshape(shape) for g, o, shape in self.layout]
+        return jtu.tree_unflatten(self.treedef, leaves)
 
 
 class _Step(NamedTuple):
@@ -568,28 +603,41 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
         # times and stacks the saved values (no output buffer in any carry); the
         # inner loop steps, with a small carry, until the save time is passed;
         # the last step's polynomial then gives the value there.
+        # The loops carry the flat form of the carry (`_Flat`).
+        flat = _Flat(_pack(core))
+
         def outer_body(carry, target):
-            packed, dense = carry
+            flat_packed, dense = carry
 
             def inner_cond(c):
-                core = _unpack(c[0])
+                core = _unpack(flat.unflatten(c[0]))
                 return (core.status == Status.SUCCESS) & (core.t < target) & (attempts(core) < max_steps)
 
             def inner_body(c):
-                core, dense, _ = step_and_remember(_unpack(c[0]), c[1])
+                core, dense, _ = step_and_remember(_unpack(flat.unflatten(c[0])), c[1])
                 report(core)
-                return _pack(core), dense
+                return flat.flatten(_pack(core)), dense
 
-            packed, dense = lax.while_loop(inner_cond, inner_body, (packed, dense))
-            core = _unpack(packed)
+            flat_packed, dense = lax.while_loop(inner_cond, inner_body, (flat_packed, dense))
+            core = _unpack(flat.unflatten(flat_packed))
+            # A point not reached (the steps ran out, or the solve failed) is
+            # NaN, as is every later one; `finalize` reports running out of
+            # steps. The carry passes through unchanged.
             reached = (core.status == Status.SUCCESS) & (core.t >= target)
             value = _tree_where(reached, interpolate_last(core, target), nan_y)
-            status = jnp.where((core.status == Status.SUCCESS) & ~reached, Status.MAX_STEPS_REACHED, core.status)
-            return (_pack(core._replace(status=status.astype(jnp.int32))), dense), value
+            return (flat_packed, dense), value
 
         nan_y = jtu.tree_map(lambda y: jnp.full_like(y, jnp.nan), y0)
         start()
-        (packed, dense_out), saved = lax.scan(outer_body, (_pack(core), dense), s_save[1:])
+
+        def loop(init):
+            return lax.scan(outer_body, init, s_save[1:])
+
+        init = (flat.flatten(_pack(core)), dense)
+        # One CPU kernel (`single_kernel`) for the loop without a dense history:
+        # XLA:CPU's single-kernel emitter fails on the loop that carries it.
+        (flat_packed, dense_out), saved = loop(init) if dense is not None else single_kernel(loop, init)
+        packed = flat.unflatten(flat_packed)
         ys_out = jtu.tree_map(lambda first, rest: jnp.concatenate([first[:1], rest]), ys, saved)
         out = finalize(packed, ys_out, dense_out)
         return (out, packed) if return_carry else out
