@@ -131,8 +131,10 @@ def _eligible(symbol_table, name, seen) -> bool:
     return result
 
 
-# Verdicts per module being lowered (a call's outputs are tagged one by one).
-_verdicts: dict = {}
+# Verdicts on the callees of the module being lowered (a call's outputs are
+# tagged one by one); held with the module itself, not its id, which a later
+# module may reuse.
+_verdicts: dict = {"module": None, "seen": {}}
 
 
 def _lowering(ctx, x):
@@ -142,11 +144,9 @@ def _lowering(ctx, x):
         op = getattr(owner, "operation", None)
         if op is not None and op.name == "func.call" and "xla_cpu_small_call" not in _attribute_names(op):
             callee = op.attributes["callee"].value
-            key = id(module_context.module)
-            if key not in _verdicts:
-                _verdicts.clear()  # one module is lowered at a time
-                _verdicts[key] = {}
-            seen = _verdicts[key]
+            if _verdicts["module"] is not module_context.module:
+                _verdicts["module"], _verdicts["seen"] = module_context.module, {}
+            seen = _verdicts["seen"]
             small_operands = all(_elements(v.type) <= _MAX_OPERAND for v in op.operands)
             if small_operands and _eligible(module_context.symbol_table, callee, seen):
                 attrs = {k: mlir.ir.StringAttr.get(v) for k, v in _ATTRIBUTES.items()}
