@@ -1,7 +1,9 @@
 """The forward solve's loop compiled as one XLA:CPU kernel (`neuralde._single_kernel`).
 
 The mark changes how XLA emits the loop, not what it computes: solutions with
-and without it must agree to the last bit, and the mark must be applied where
+and without it must agree to rounding (the one kernel may contract a multiply
+and an add differently: a few ulps; on the Lotka--Volterra solve they agree to
+the last bit), and the mark must be applied where
 the emitter handles the loop and nowhere else (a matrix-matrix product, a
 library call such as an LU factorisation, a dense history carried through the
 loop). Which loops get it is read off the compiled program.
@@ -44,14 +46,14 @@ def _compiled(f, operands, monkeypatch, enabled):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the mark is for XLA:CPU")
-def test_marked_loop_matches_the_ordinary_one_bit_for_bit(monkeypatch):
+def test_marked_loop_matches_the_ordinary_one(monkeypatch):
     f, operands = _solve()
     marked, text = _compiled(f, operands, monkeypatch, True)
     plain, plain_text = _compiled(f, operands, monkeypatch, False)
     assert text.count(MARK) >= 1 and MARK not in plain_text
     (ys, steps, status), (ys0, steps0, status0) = marked(*operands), plain(*operands)
     assert int(status) == int(status0) == 0 and int(steps) == int(steps0)
-    np.testing.assert_array_equal(np.asarray(ys), np.asarray(ys0))
+    np.testing.assert_allclose(np.asarray(ys), np.asarray(ys0), rtol=8 * np.finfo(np.float64).eps)
     # and both are the solution: against scipy's DOP853 at tight tolerances.
     from scipy.integrate import solve_ivp
 
@@ -73,7 +75,8 @@ def test_matrix_vector_products_are_marked_and_agree(monkeypatch):
     marked, text = _compiled(f, operands, monkeypatch, True)
     plain, _ = _compiled(f, operands, monkeypatch, False)
     assert MARK in text
-    np.testing.assert_array_equal(np.asarray(marked(*operands)[0]), np.asarray(plain(*operands)[0]))
+    np.testing.assert_allclose(np.asarray(marked(*operands)[0]), np.asarray(plain(*operands)[0]),
+                               rtol=8 * np.finfo(np.float64).eps, atol=1e-15)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the mark is for XLA:CPU")
@@ -105,3 +108,43 @@ def test_the_mark_is_off_on_request(monkeypatch):
     assert not _single_kernel.enabled()
     monkeypatch.setenv("NEURALDE_SINGLE_KERNEL", "1")
     assert _single_kernel.enabled()
+
+
+def _configurations():
+    ts = jnp.linspace(0.0, 1.0, 11)
+
+    def decay(t, y, a):
+        return -a * y
+
+    def pytree_field(t, y, a):
+        return {"x": -a * y["x"], "v": jnp.sum(y["x"]) - y["v"]}
+
+    sde = nde.SDETerm(lambda t, y, a: -a * y, lambda t, y, a: 0.1 * jnp.ones_like(y), noise="additive")
+    return {
+        "vmap": (lambda a: jax.vmap(lambda y0: nde.solve(nde.ODETerm(decay), nde.Tsit5(), y0, ts, args=a).ys)(
+            jnp.linspace(0.5, 1.5, 6).reshape(3, 2)), 0.7),
+        "jacfwd": (jax.jacfwd(lambda a: nde.solve(nde.ODETerm(decay), nde.Tsit5(), jnp.ones(2), ts, args=a,
+                                                  sensitivity=nde.ForwardMode()).ys), 0.7),
+        "backsolve-grad": (jax.grad(lambda a: jnp.sum(nde.solve(nde.ODETerm(decay), nde.Tsit5(), jnp.ones(2), ts,
+                                                                args=a, sensitivity=nde.BacksolveAdjoint()).ys)), 0.7),
+        "pytree": (lambda a: nde.solve(nde.ODETerm(pytree_field), nde.Dopri5(), {"x": jnp.ones(2), "v": jnp.zeros(())},
+                                       ts, args=a).ys, 0.7),
+        "float32": (lambda a: nde.solve(nde.ODETerm(decay), nde.Tsit5(), jnp.ones(3, jnp.float32),
+                                        ts.astype(jnp.float32), args=a).ys, jnp.float32(0.7)),
+        "sde": (lambda a: nde.solve(sde, nde.SRA1(), jnp.ones(2), ts, args=a, key=jax.random.PRNGKey(0),
+                                    sensitivity=nde.ReverseMode()).ys, 0.7),
+    }
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the mark is for XLA:CPU")
+@pytest.mark.parametrize("name", ["vmap", "jacfwd", "backsolve-grad", "pytree", "float32", "sde"])
+def test_marked_and_ordinary_loops_agree_under_transformations(name, monkeypatch):
+    f, a = _configurations()[name]
+    operands = (jnp.asarray(a),)
+    marked, _ = _compiled(f, operands, monkeypatch, True)
+    plain, _ = _compiled(f, operands, monkeypatch, False)
+    for x, y in zip(jax.tree_util.tree_leaves(marked(*operands)), jax.tree_util.tree_leaves(plain(*operands))):
+        x, y = np.asarray(x), np.asarray(y)
+        assert np.all(np.isfinite(x))
+        ulps = 8 * np.finfo(x.dtype).eps
+        np.testing.assert_allclose(x, y, rtol=ulps, atol=ulps * np.max(np.abs(y)))
