@@ -18,6 +18,12 @@ products only (a matrix-matrix product's fusion is not implemented by that
 emitter), and no array above a size bound (there the per-kernel cost no longer
 matters, and XLA's library kernels are faster). Anywhere else the call is an
 ordinary one. ``NEURALDE_SINGLE_KERNEL=0`` in the environment turns the mark off.
+
+Results agree with the ordinary loop to rounding (the single kernel may
+contract a multiply and an add differently). Where the emitter itself fails
+it aborts the process rather than raising, so the mark is used on one loop
+only, the forward solve's without a dense history (`_loop.run_while`), which
+the tests cover under every transformation they use.
 """
 from __future__ import annotations
 
@@ -53,10 +59,13 @@ _ALLOWED = frozenset(
 # a product larger than _MAX_MATRIX: beyond them XLA's own kernels win.
 _MAX_ELEMENTS = 1 << 16
 _MAX_MATRIX = 4096
-# No operand of the call larger than this: the emitter aborts the process
-# (a failed CHECK on its buffer table) on loops that carry a buffer passed in,
-# such as a dense history or a checkpoint buffer. Buffers the loop builds
-# itself (a `lax.scan`'s stacked outputs) are fine.
+# No operand of the call larger than this. The emitter aborts the process (a
+# failed CHECK on its buffer table, in `HandleParameter`) on the loops that
+# carry a dense history or CheckpointAdjoint's checkpoints, both large operands.
+# Their cause is not isolated (parameters bound to constants of the caller lose
+# their uses; see benchmarks/PERF_NOTES.md), so this bound is a guard by
+# observation, and only the forward solve's loop without a dense history is
+# marked at all.
 _MAX_OPERAND = 1024
 
 _tag_p = Primitive("neuralde_single_kernel")
