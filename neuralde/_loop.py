@@ -312,7 +312,10 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
         Status.INVALID_TIMES,
     ).astype(jnp.int32)
     ys = jtu.tree_map(
-        lambda y: jnp.full((n_save,) + y.shape, jnp.nan, y.dtype).at[0].set(jnp.where(valid_times, y, jnp.nan)),
+        # (`dynamic_update_slice`, not a scatter: the backward steps rebuild
+        # this in loops that `single_kernel` compiles, which takes no scatter.)
+        lambda y: lax.dynamic_update_index_in_dim(jnp.full((n_save,) + y.shape, jnp.nan, y.dtype),
+                                                  jnp.where(valid_times, y, jnp.nan), 0, 0),
         y0,
     )
 
@@ -336,7 +339,7 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
 
     if config.dense:
         dense = (
-            jnp.full((max_steps + 1,), jnp.inf, time_dtype).at[0].set(s_start),
+            lax.dynamic_update_index_in_dim(jnp.full((max_steps + 1,), jnp.inf, time_dtype), s_start, 0, 0),
             jtu.tree_map(lambda y: jnp.zeros((max_steps,) + y.shape, y.dtype), y0),
             jtu.tree_map(lambda c: jnp.zeros((max_steps,) + c.shape, c.dtype), coeff_zeros),
         )
@@ -634,9 +637,9 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
             return lax.scan(outer_body, init, s_save[1:])
 
         init = (flat.flatten(_pack(core)), dense)
-        # One CPU kernel (`single_kernel`) for the loop without a dense history:
-        # XLA:CPU's single-kernel emitter fails on the loop that carries it.
-        (flat_packed, dense_out), saved = loop(init) if dense is not None else single_kernel(loop, init)
+        # One CPU kernel where `single_kernel` can (not with a dense history,
+        # whose initial buffers are beyond its bound on packed inputs).
+        (flat_packed, dense_out), saved = single_kernel(loop, init)
         packed = flat.unflatten(flat_packed)
         ys_out = jtu.tree_map(lambda first, rest: jnp.concatenate([first[:1], rest]), ys, saved)
         out = finalize(packed, ys_out, dense_out)

@@ -19,20 +19,36 @@ emitter), and no array above a size bound (there the per-kernel cost no longer
 matters, and XLA's library kernels are faster). Anywhere else the call is an
 ordinary one. ``NEURALDE_SINGLE_KERNEL=0`` in the environment turns the mark off.
 
+The call takes its inputs as one buffer (`_Packing`). The emitter aborts the
+process (a failed CHECK on its buffer table, in ``IrEmitter::HandleParameter``)
+when a parameter of the called computation has lost every use while its
+operand is not a constant it embeds: XLA clones a constant operand of a call
+into the callee and folds what it can of the callee's uses of it, and it embeds
+constants of up to 10000 bytes as globals, not larger ones. Separate inputs hit
+this: a broadcast constant (two equal tolerances) or a large constant buffer (a
+dense history's initial value) as an operand. One buffer holding every input is
+either computed at run time (then XLA knows nothing of it and every use stays)
+or, when every input is a constant, one constant that is kept under 10000 bytes.
+Arrays that a previous loop produced (a checkpoint buffer) are never constants
+and are passed beside the buffer, whatever their size (``produced``).
+
 Results agree with the ordinary loop to rounding (the single kernel may
-contract a multiply and an add differently). Where the emitter itself fails
-it aborts the process rather than raising, so the mark is used on one loop
-only, the forward solve's without a dense history (`_loop.run_while`), which
-the tests cover under every transformation they use.
+contract a multiply and an add differently). The loops that use it: the forward
+solve's (`_loop.run_while`, without a dense history, whose initial buffers are
+too large to pack), and `CheckpointAdjoint`'s loop of steps alone, forward and
+backward.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
 
 import jax
+import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
@@ -46,7 +62,7 @@ _ALLOWED = frozenset(
     abs add and atan2 bitcast_convert broadcast_in_dim case cbrt ceil clamp compare complex concatenate
     constant convert cosine divide dynamic_slice dynamic_update_slice exponential exponential_minus_one
     floor if imag iota is_finite log log_plus_one logistic maximum minimum multiply negate not
-    optimization_barrier or popcnt power real reduce remainder reshape return reverse round_nearest_afz
+    optimization_barrier or pad popcnt power real reduce remainder reshape return reverse round_nearest_afz
     round_nearest_even rsqrt select shift_left shift_right_arithmetic shift_right_logical sign sine slice
     sqrt subtract tan tanh transpose while xor
     """.split()
@@ -59,33 +75,112 @@ _ALLOWED = frozenset(
 # a product larger than _MAX_MATRIX: beyond them XLA's own kernels win.
 _MAX_ELEMENTS = 1 << 16
 _MAX_MATRIX = 4096
-# No operand of the call larger than this. The emitter aborts the process (a
-# failed CHECK on its buffer table, in `HandleParameter`) on the loops that
-# carry a dense history or CheckpointAdjoint's checkpoints, both large operands.
-# Their cause is not isolated (parameters bound to constants of the caller lose
-# their uses; see benchmarks/PERF_NOTES.md), so this bound is a guard by
-# observation, and only the forward solve's loop without a dense history is
-# marked at all.
-_MAX_OPERAND = 1024
+# The packed inputs, in bytes: XLA:CPU embeds a constant of up to 10000 bytes
+# (`CpuInstructionFusion::GetLargeConstantThresholdBytes`) as a global, which
+# the emitter handles as an operand of the call even where its uses inside were
+# folded away; a larger one it does not (see the module docstring).
+_MAX_INPUT_BYTES = 10000
 
 _tag_p = Primitive("neuralde_single_kernel")
-_tag_p.def_impl(lambda x: x)
-_tag_p.def_abstract_eval(lambda aval: aval)
-ad.deflinear2(_tag_p, lambda ct, _: [ct])
-batching.defvectorized(_tag_p)
+_tag_p.multiple_results = True
+_tag_p.def_impl(lambda *xs: list(xs))
+_tag_p.def_abstract_eval(lambda *avals: list(avals))
+ad.deflinear2(_tag_p, lambda cts, *_: list(cts))
+batching.primitive_batchers[_tag_p] = lambda args, dims: (_tag_p.bind(*args), dims)
 
 
 def enabled() -> bool:
     return os.environ.get("NEURALDE_SINGLE_KERNEL", "1") != "0"
 
 
-def single_kernel(fn, *args):
-    """``fn(*args)``, compiled as one XLA:CPU kernel where that is known to work
-    (see the module docstring); elsewhere an ordinary call."""
+def single_kernel(fn, *args, produced=None):
+    """``fn(*args)`` (``fn(produced, *args)`` when ``produced`` is given),
+    compiled as one XLA:CPU kernel where that is known to work (see the module
+    docstring); elsewhere an ordinary call.
+
+    ``produced``: a pytree of arrays that an earlier loop computed and that
+    ``fn`` reads (never constants of the program); passed as they are, outside
+    the packed inputs and their size bound."""
+    run = fn if produced is None else functools.partial(fn, produced)
     if not enabled():
-        return fn(*args)
-    out = jax.jit(fn)(*args)
-    return jtu.tree_map(_tag_p.bind, out)
+        return run(*args)
+    closed, out_shape = jax.make_jaxpr(run, return_shape=True)(*args)
+    ins = list(closed.consts) + jtu.tree_leaves(args)
+    # ``produced`` arrays the function closes over are consts of its jaxpr:
+    # take them out of the packing by identity.
+    extra = jtu.tree_leaves(produced)
+    outside = [i for i, x in enumerate(ins) if any(x is e for e in extra)]
+    packed_ins = [x for i, x in enumerate(ins) if i not in outside]
+    try:
+        packing = _Packing([(jnp.result_type(x), jnp.shape(x)) for x in packed_ins])
+    except TypeError:  # a dtype the buffer does not carry (complex, a PRNG key)
+        packing = None
+    if packing is None or packing.nbytes > _MAX_INPUT_BYTES:
+        return run(*args)
+    n_consts = len(closed.consts)
+    out_tree = jtu.tree_structure(out_shape)
+
+    def call(buffer, *passed):
+        values = iter(packing.unpack(buffer))
+        passed = iter(passed)
+        flat = [next(passed) if i in outside else next(values) for i in range(len(ins))]
+        return jax.core.eval_jaxpr(closed.jaxpr, flat[:n_consts], *flat[n_consts:])
+
+    outs = jax.jit(call)(packing.pack(packed_ins), *[ins[i] for i in outside])
+    return jtu.tree_unflatten(out_tree, _tag_p.bind(*outs))
+
+
+class _Packing:
+    """Arrays of several dtypes as one flat buffer of the widest float dtype
+    among them, and back, exactly: narrower floats are widened, integers and
+    booleans are widened to an integer of the buffer's width whose bits the
+    buffer carries. Every step is linear in the floats, so derivatives pass
+    through; ``float0`` arrays (the tangents of integers) carry nothing."""
+
+    def __init__(self, specs):
+        dtypes = [jnp.dtype(d) for d, _ in specs]
+        if any(d != jax.dtypes.float0 and (d.kind not in "biuf" or d.itemsize > 8) for d in dtypes):
+            raise TypeError("only real floats, integers and booleans are packed")
+        width = 8 if any(d.itemsize == 8 for d in dtypes) else 4
+        self.dtype = jnp.dtype(f"float{8 * width}")
+        self.signed, self.unsigned = jnp.dtype(f"int{8 * width}"), jnp.dtype(f"uint{8 * width}")
+        self.layout, offset = [], 0
+        for dt, (_, shape) in zip(dtypes, specs):
+            n = 0 if dt == jax.dtypes.float0 else math.prod(shape)
+            self.layout.append((dt, tuple(shape), offset, n))
+            offset += n
+        self.size = offset
+        self.nbytes = offset * width
+
+    def _carrier(self, dt):
+        return self.unsigned if dt.kind == "u" else self.signed
+
+    def pack(self, arrays):
+        parts = [jnp.zeros((0,), self.dtype)]
+        for x, (dt, _, _, _) in zip(arrays, self.layout):
+            if dt == jax.dtypes.float0:
+                continue
+            x = jnp.ravel(x)
+            if dt.kind == "f":
+                parts.append(x.astype(self.dtype))
+            else:
+                parts.append(jax.lax.bitcast_convert_type(x.astype(self._carrier(dt)), self.dtype))
+        return jnp.concatenate(parts)
+
+    def unpack(self, buffer):
+        out = []
+        for dt, shape, offset, n in self.layout:
+            if dt == jax.dtypes.float0:
+                out.append(np.zeros(shape, dt))
+                continue
+            x = jax.lax.slice_in_dim(buffer, offset, offset + n)
+            if dt.kind == "f":
+                x = x.astype(dt)
+            else:
+                x = jax.lax.bitcast_convert_type(x, self._carrier(dt))
+                x = x != 0 if dt == jnp.bool_ else x.astype(dt)
+            out.append(x.reshape(shape))
+        return out
 
 
 def _elements(value_type) -> int:
@@ -94,6 +189,14 @@ def _elements(value_type) -> int:
     except (ValueError, TypeError):
         return 0  # a token or a tuple: no data of its own
     return math.prod(shape)
+
+
+def _bytes(value_type) -> int:
+    try:
+        width = mlir.ir.RankedTensorType(value_type).element_type.width
+    except (ValueError, TypeError, AttributeError):
+        width = 64
+    return _elements(value_type) * max(width, 8) // 8
 
 
 _DIMS = re.compile(r"(lhs_batching|rhs_batching|lhs_contracting|rhs_contracting)_dimensions = \[([\d, ]*)\]")
@@ -146,12 +249,13 @@ def _eligible(symbol_table, name, seen) -> bool:
 _verdicts: dict = {"module": None, "seen": {}}
 
 
-def _lowering(ctx, x):
+def _lowering(ctx, *xs):
     try:
-        _mark(ctx.module_context, x)
+        for x in xs:
+            _mark(ctx.module_context, x)
     except Exception:  # pragma: no cover - an MLIR API that moved: lower as an ordinary call
         pass
-    return [x]
+    return list(xs)
 
 
 def _mark(module_context, x):
@@ -163,8 +267,10 @@ def _mark(module_context, x):
             if _verdicts["module"] is not module_context.module:
                 _verdicts["module"], _verdicts["seen"] = module_context.module, {}
             seen = _verdicts["seen"]
-            small_operands = all(_elements(v.type) <= _MAX_OPERAND for v in op.operands)
-            if small_operands and _eligible(module_context.symbol_table, callee, seen):
+            # The packed inputs (the first operand) within the bound also after
+            # `jax.vmap` (the others are `produced` by a loop).
+            small_inputs = not op.operands or _bytes(op.operands[0].type) <= _MAX_INPUT_BYTES
+            if small_inputs and _eligible(module_context.symbol_table, callee, seen):
                 attrs = {k: mlir.ir.StringAttr.get(v) for k, v in _ATTRIBUTES.items()}
                 if "mhlo.frontend_attributes" in _attribute_names(op):
                     for a in mlir.ir.DictAttr(op.attributes["mhlo.frontend_attributes"]):

@@ -234,8 +234,13 @@ def test_checkpoint_forward_values_on_failure_match_the_primal(case):
     nan = np.isnan(np.asarray(primal.ys))
     assert nan.any() and not nan.all()
     np.testing.assert_array_equal(np.isnan(np.asarray(ys)), nan)
-    np.testing.assert_allclose(np.asarray(ys)[~nan], np.asarray(primal.ys)[~nan], rtol=1e-13)
-    np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-10)
+    # To rounding, which the blow-up amplifies: a relative perturbation of
+    # y = 1/(1/y0 - t) grows by the factor y(t)/y(s), here up to ~1e6. (The
+    # forward loops are compiled as single kernels, `neuralde._single_kernel`,
+    # which contract multiply-adds differently from each other.)
+    got, want = np.asarray(ys)[~nan], np.asarray(primal.ys)[~nan]
+    np.testing.assert_array_less(np.abs(got - want), 1e-13 * np.maximum(1.0, np.abs(want)) * np.abs(want))
+    np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-8 if case == "blow-up" else 1e-10)
 
 
 def lorenz(t, y, p):

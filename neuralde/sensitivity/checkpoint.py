@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
+from .._single_kernel import single_kernel
 from .base import (AbstractSensitivity, closure_convert_term, instantiate_zero, is_symbolic_zero, unwrap_primals,
                    zero_tangents)
 
@@ -284,7 +285,6 @@ def _fwd_steps(program, d):
     iteration's fixed cost, not its arithmetic, is what a solve spends)."""
     prog = _steps_view(program(d))
     max_steps = prog.max_iters - prog.n_save
-    ckpts = jtu.tree_map(lambda x: jnp.zeros((max_steps,) + x.shape, x.dtype), prog.packed)
 
     def body(c):
         # ``it`` stays unbatched under `jax.vmap` (see `_masked_iteration`).
@@ -298,10 +298,16 @@ def _fwd_steps(program, d):
         prog.report(packed)
         return packed, ys, dense, it + 1, ckpts
 
+    def loop(packed, ys, dense):
+        # The checkpoint buffer is made inside: as an input it would be a
+        # large constant, which `single_kernel` does not take.
+        ckpts = jtu.tree_map(lambda x: jnp.zeros((max_steps,) + x.shape, x.dtype), packed)
+        return lax.while_loop(lambda c: eqxi.unvmap_any(prog.step_cond(c[0])), body,
+                              (packed, ys, dense, jnp.asarray(0, jnp.int32), ckpts))
+
     prog.start()
-    packed, ys, dense, n_iter, ckpts = lax.while_loop(
-        lambda c: eqxi.unvmap_any(prog.step_cond(c[0])), body,
-        (prog.packed, prog.ys, prog.dense, jnp.asarray(0, jnp.int32), ckpts))
+    # One CPU kernel where `single_kernel` can, as the backward loop below.
+    packed, ys, dense, n_iter, ckpts = single_kernel(loop, prog.packed, prog.ys, prog.dense)
     return prog.finalize(packed, ys, dense), (d, ckpts, n_iter, prog.save_index(packed))
 
 
@@ -321,16 +327,21 @@ def _bwd_steps(program, res, ct_out, const_mask=None):
     back_step = _back_step(steps_program, prog, prog.n_save, max_steps, prog.dense is not None, steps_only=True,
                            const_mask=const_mask)
 
-    def back(c):
-        # Attempt ``i`` saved the points ``[save_index(ckpts[i]), nxt)``.
-        i, nxt, ct_packed, ct_d, ct_s = c
-        p = jtu.tree_map(lambda b: b[i], ckpts)
-        i0 = prog.save_index(p)
-        ct_p, ct_dd, ct_s = back_step(p, ct_packed, d, ct_ys, ct_hist, first, (i0, nxt, ct_s))
-        return i - 1, i0, ct_p, jtu.tree_map(_add, ct_d, ct_dd), ct_s
+    def loop(ckpts, ct0):
+        def back(c):
+            # Attempt ``i`` saved the points ``[save_index(ckpts[i]), nxt)``.
+            i, nxt, ct_packed, ct_d, ct_s = c
+            p = jtu.tree_map(lambda b: b[i], ckpts)
+            i0 = prog.save_index(p)
+            ct_p, ct_dd, ct_s = back_step(p, ct_packed, d, ct_ys, ct_hist, first, (i0, nxt, ct_s))
+            return i - 1, i0, ct_p, jtu.tree_map(_add, ct_d, ct_dd), ct_s
+
+        return lax.while_loop(lambda c: c[0] >= 0, back, ct0)
 
     ct0 = (n_iter - 1, last_saved, zero_tangents(prog.packed), zero_tangents(d), jnp.zeros_like(s_save))
-    _, _, ct_packed, ct_d, ct_s = lax.while_loop(lambda c: c[0] >= 0, back, ct0)
+    # One CPU kernel where `single_kernel` can; the checkpoints, which the
+    # forward loop computed, are passed beside its packed inputs.
+    _, _, ct_packed, ct_d, ct_s = single_kernel(loop, ct0, produced=ckpts)
 
     return (jtu.tree_map(_add, ct_d, _initial_cotangents(steps_program, d, ct_packed, ct_ys, ct_hist, ct_s)),)
 
