@@ -60,8 +60,8 @@ _ALLOWED = frozenset(
     "stablehlo." + name
     for name in """
     abs add and atan2 bitcast_convert broadcast_in_dim case cbrt ceil clamp compare complex concatenate
-    constant convert cosine divide dynamic_slice dynamic_update_slice exponential exponential_minus_one
-    floor if imag iota is_finite log log_plus_one logistic maximum minimum multiply negate not
+    constant convert count_leading_zeros cosine divide dynamic_slice dynamic_update_slice exponential
+    exponential_minus_one floor if imag iota is_finite log log_plus_one logistic maximum minimum multiply negate not
     optimization_barrier or pad popcnt power real reduce remainder reshape return reverse round_nearest_afz
     round_nearest_even rsqrt select shift_left shift_right_arithmetic shift_right_logical sign sine slice
     sqrt subtract tan tanh transpose while xor

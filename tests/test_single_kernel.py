@@ -220,3 +220,26 @@ def test_packing_is_exact_and_differentiable():
     np.testing.assert_array_equal(np.asarray(gb), [6.0])
     # a float32-only set packs into float32
     assert _Packing([(jnp.float32, (2,)), (jnp.int32, ())]).dtype == jnp.float32
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the mark is for XLA:CPU")
+@pytest.mark.parametrize("solver", [nde.SRIW1(), nde.EulerMaruyama()], ids=["SRIW1", "EulerMaruyama"])
+def test_sde_loop_is_marked_and_agrees(solver, monkeypatch):
+    # The SDE loop queries the Brownian tree inside (integer bit operations,
+    # `count_leading_zeros` among them). Fixed steps: the same increments, so
+    # the same solution to rounding. (Adaptive steps accept or reject on error
+    # estimates that depend on the noise, and a rounding difference can change
+    # the sequence of steps: the unmarked solver's step count moves by up to
+    # 10% when rtol moves by 1e-15, so there only the fixed steps are compared.)
+    term = nde.SDETerm(lambda t, y, a: -a * y, lambda t, y, a: 0.3 * y)
+    ts = jnp.linspace(0.0, 1.0, 11)
+
+    def f(a, key):
+        return nde.solve(term, solver, jnp.ones(2), ts, args=a, key=key, dt0=0.0123, adaptive=False).ys
+
+    operands = (jnp.asarray(0.5), jax.random.key(3))
+    marked, text = _compiled(f, operands, monkeypatch, True)
+    plain, plain_text = _compiled(f, operands, monkeypatch, False)
+    assert MARK in text and MARK not in plain_text
+    x, y = np.asarray(marked(*operands)), np.asarray(plain(*operands))
+    np.testing.assert_allclose(x, y, rtol=8 * np.finfo(np.float64).eps, atol=1e-15)
