@@ -85,8 +85,10 @@ def test_loops_the_emitter_cannot_take_are_not_marked(case, monkeypatch):
         a = jnp.array([[0.0, 1.0], [-1.0, -0.1]])
         f, operands = _solve(field=lambda t, y, a: a @ y, y0=jnp.eye(2), args=a)
     elif case == "lu":
-        # An implicit solver factorises its Newton matrix with a library call.
-        f, operands = _solve(solver=nde.Kvaerno5(), field=lambda t, y, a: -a * y, y0=U0, args=jnp.asarray(0.5))
+        # An implicit solver on more than 8 equations factorises its Newton
+        # matrix with a library call (LAPACK's getrf); on up to 8, unrolled.
+        f, operands = _solve(solver=nde.Kvaerno5(), field=lambda t, y, a: -a * y, y0=jnp.ones(9),
+                             args=jnp.asarray(0.5))
     elif case == "dense":
         f, operands = _solve(dense=True)
     else:
@@ -243,3 +245,52 @@ def test_sde_loop_is_marked_and_agrees(solver, monkeypatch):
     assert MARK in text and MARK not in plain_text
     x, y = np.asarray(marked(*operands)), np.asarray(plain(*operands))
     np.testing.assert_allclose(x, y, rtol=8 * np.finfo(np.float64).eps, atol=1e-15)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the mark is for XLA:CPU")
+def test_small_implicit_solve_is_marked_and_agrees(monkeypatch):
+    # Kvaerno5 on ROBER (3 equations): the Newton matrix's LU is unrolled, so
+    # the whole loop, Newton iterations included, is one kernel.
+    def rober(t, y, k):
+        return jnp.stack([-k[0] * y[0] + k[2] * y[1] * y[2],
+                          k[0] * y[0] - k[1] * y[1] ** 2 - k[2] * y[1] * y[2], k[1] * y[1] ** 2])
+
+    def f(k):
+        sol = nde.solve(nde.ODETerm(rober), nde.Kvaerno5(), jnp.array([1.0, 0.0, 0.0]), jnp.array([0.0, 40.0]),
+                        args=k, rtol=1e-6, atol=1e-10)
+        return sol.ys, sol.stats["num_steps"]
+
+    k = jnp.array([0.04, 3e7, 1e4])
+    marked, text = _compiled(f, (k,), monkeypatch, True)
+    plain, plain_text = _compiled(f, (k,), monkeypatch, False)
+    assert MARK in text and MARK not in plain_text
+    (ys, steps), (ys0, steps0) = marked(k), plain(k)
+    assert int(steps) == int(steps0)
+    np.testing.assert_allclose(np.asarray(ys), np.asarray(ys0), rtol=1e-12, atol=1e-18)
+    # and against scipy's Radau at tight tolerances
+    from scipy.integrate import solve_ivp
+
+    a, b, c = np.asarray(k)
+    ref = solve_ivp(lambda t, y: [-a * y[0] + c * y[1] * y[2], a * y[0] - b * y[1] ** 2 - c * y[1] * y[2],
+                                  b * y[1] ** 2], (0.0, 40.0), [1.0, 0.0, 0.0], method="Radau", rtol=1e-12,
+                    atol=1e-16).y[:, -1]
+    np.testing.assert_allclose(np.asarray(ys)[-1], ref, rtol=1e-5)
+
+
+def test_unrolled_lu_is_lapacks():
+    import jax.scipy.linalg as jsl
+    from neuralde.solvers.implicit import _lu_factor, _lu_solve
+
+    rng = np.random.default_rng(0)
+    solve = jax.jit(lambda a, b: _lu_solve(_lu_factor(a), b))
+    for n in (1, 2, 3, 5, 8):
+        for _ in range(10):
+            a = rng.normal(size=(n, n)) * 10.0 ** rng.uniform(-3, 3, size=(n, 1))
+            b = rng.normal(size=n)
+            lu, _ = jax.jit(_lu_factor)(a)
+            lu0, _ = jsl.lu_factor(a)  # the same pivots give the same factors
+            np.testing.assert_allclose(np.asarray(lu), np.asarray(lu0), rtol=1e-12, atol=1e-12 * np.abs(lu0).max())
+            np.testing.assert_allclose(a @ np.asarray(solve(a, b)), b, rtol=1e-9, atol=1e-9 * np.abs(b).max())
+    # a singular matrix gives non-finite values (the Newton iteration then fails), as LAPACK's
+    x = np.asarray(solve(np.array([[1.0, 2.0], [2.0, 4.0]]), np.array([1.0, 1.0])))
+    assert not np.all(np.isfinite(x))

@@ -311,10 +311,10 @@ class ESDIRK(AbstractSolver):
                 lambda: lax.stop_gradient(jac_old),
             )
             jac = lax.stop_gradient(jac)
-            lu = jsl.lu_factor(jnp.eye(nd, dtype=dtype) - (gamma * hc) * jac)
+            lu = _lu_factor(jnp.eye(nd, dtype=dtype) - (gamma * hc) * jac)
 
             def solve_dyn(rhs):
-                return jsl.lu_solve(lu, rhs)
+                return _lu_solve(lu, rhs)
         else:
             jac = jac_old
             _, jvp0 = jax.linearize(f_dyn, y0_const[:nd])
@@ -337,7 +337,7 @@ class ESDIRK(AbstractSolver):
             # linearisation of the stage residual at the converged stage.
             if self.linear_solver == "lu":
                 mat = jax.jacfwd(g)(rhs)
-                return jnp.linalg.solve(mat, rhs)
+                return _lu_solve(_lu_factor(mat), rhs)
             return jssl.gmres(g, rhs, tol=1e-12, restart=self.gmres_restart)[0]
 
         a_mat = jnp.asarray(tab.a, dtype)
@@ -393,11 +393,11 @@ class ESDIRK(AbstractSolver):
             aux = lax.stop_gradient(aux)
             done, k, th_max = aux[0] > 0.5, aux[1].astype(jnp.int32), aux[2]
             k_i = (z - base) / (gamma * h)
-            ks = ks.at[i].set(k_i)
+            ks = lax.dynamic_update_index_in_dim(ks, k_i, i, 0)  # (not a scatter: see _SMALL_LU)
             carry = (ks, ok & done, iters + k, jnp.maximum(theta_max, th_max))
             return carry, z
 
-        ks0 = jnp.zeros((s, n), dtype).at[0].set(k1)
+        ks0 = lax.dynamic_update_index_in_dim(jnp.zeros((s, n), dtype), k1, 0, 0)
         carry0 = (ks0, jnp.asarray(True), jnp.asarray(0), jnp.asarray(0.0, dtype))
         (ks, ok, iters, theta_max), zs = lax.scan(stage, carry0, jnp.arange(1, s))
         y1f = y0f + zs[-1]
@@ -451,3 +451,52 @@ class Kvaerno5(ESDIRK):
     tableau = KVAERNO5
     order = 5
     error_order = 5
+
+
+# Up to this size the LU factorisation is written out in array operations
+# instead of calling LAPACK: the solver's loop then has no library call in it,
+# and on XLA:CPU compiles as one kernel (`neuralde._single_kernel`), which for
+# a small stiff system (ROBER, Van der Pol) is most of a step's cost.
+_SMALL_LU = 8
+
+
+def _lu_factor(a):
+    """``(lu, pivots)`` of the square matrix ``a``: LAPACK's ``getrf`` through
+    `jax.scipy.linalg.lu_factor`, or for ``n <= _SMALL_LU`` the same algorithm
+    unrolled (Gaussian elimination with partial pivoting, Golub & Van Loan,
+    Matrix Computations, 4th ed., Alg. 3.4.1: the row of largest magnitude in
+    the column is the pivot, the first one on ties, as ``getrf`` chooses), with
+    the row permutation instead of LAPACK's swap sequence."""
+    n = a.shape[0]
+    if n > _SMALL_LU:
+        return jsl.lu_factor(a)
+    idx = jnp.arange(n)
+    perm = idx
+    for k in range(n):
+        pivot = jnp.argmax(jnp.where(idx >= k, jnp.abs(a[:, k]), -jnp.inf))
+        row_k, row_p = a[k], lax.dynamic_index_in_dim(a, pivot, 0, keepdims=False)
+        a = jnp.where((idx == k)[:, None], row_p[None, :], jnp.where((idx == pivot)[:, None], row_k[None, :], a))
+        perm_k, perm_p = perm[k], lax.dynamic_index_in_dim(perm, pivot, 0, keepdims=False)
+        perm = jnp.where(idx == k, perm_p, jnp.where(idx == pivot, perm_k, perm))
+        below = idx > k
+        multipliers = jnp.where(below, a[:, k] / a[k, k], 0)
+        a = a - multipliers[:, None] * jnp.where(below, a[k], 0)[None, :]
+        a = jnp.where(below[:, None] & (idx == k)[None, :], multipliers[:, None], a)
+    return a, perm
+
+
+def _lu_solve(lu_and_perm, b):
+    """Solve ``a x = b`` from `_lu_factor`'s result."""
+    lu, perm = lu_and_perm
+    n = lu.shape[0]
+    if n > _SMALL_LU:
+        return jsl.lu_solve((lu, perm), b)
+    idx = jnp.arange(n)
+    b = jnp.sum(jnp.where(perm[:, None] == idx[None, :], b[None, :], 0), axis=1)  # b[perm]
+    y = b  # forward substitution, unit lower triangle
+    for i in range(1, n):
+        y = jnp.where(idx == i, b[i] - jnp.sum(jnp.where(idx < i, lu[i] * y, 0)), y)
+    x = y  # back substitution
+    for i in range(n - 1, -1, -1):
+        x = jnp.where(idx == i, (y[i] - jnp.sum(jnp.where(idx > i, lu[i] * x, 0))) / lu[i, i], x)
+    return x
