@@ -34,9 +34,9 @@ and are passed beside the buffer, whatever their size (``produced``).
 
 Results agree with the ordinary loop to rounding (the single kernel may
 contract a multiply and an add differently). The loops that use it: the forward
-solve's (`_loop.run_while`, without a dense history, whose initial buffers are
-too large to pack), and `CheckpointAdjoint`'s loop of steps alone, forward and
-backward.
+solve's (`_loop.run_while`: ODE, SDE and small implicit solves, without a dense
+history, whose initial buffers are too large to pack), and `CheckpointAdjoint`'s
+loop of steps alone, forward and backward.
 """
 from __future__ import annotations
 
@@ -149,7 +149,6 @@ class _Packing:
             n = 0 if dt == jax.dtypes.float0 else math.prod(shape)
             self.layout.append((dt, tuple(shape), offset, n))
             offset += n
-        self.size = offset
         self.nbytes = offset * width
 
     def _carrier(self, dt):
