@@ -614,7 +614,7 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
 
             def inner_cond(c):
                 core = _unpack(flat.unflatten(c[0]))
-                return (core.status == Status.SUCCESS) & (core.t < target) & (attempts(core) < max_steps)
+                return stepping(core) & (core.t < target)
 
             def inner_body(c):
                 core, dense, _ = step_and_remember(_unpack(flat.unflatten(c[0])), c[1])

@@ -135,7 +135,10 @@ class _Packing:
     among them, and back, exactly: narrower floats are widened, integers and
     booleans are widened to an integer of the buffer's width whose bits the
     buffer carries. Every step is linear in the floats, so derivatives pass
-    through; ``float0`` arrays (the tangents of integers) carry nothing."""
+    through; ``float0`` arrays (the tangents of integers) carry nothing.
+    (`_loop._Flat` keeps one buffer per dtype instead, for a loop's carry,
+    which must not convert its integers every iteration; here one buffer is
+    the point: a per-dtype group of constants is what the emitter aborts on.)"""
 
     def __init__(self, specs):
         dtypes = [jnp.dtype(d) for d, _ in specs]
