@@ -14,10 +14,14 @@ same way, so that XLA:CPU emits it as one kernel. The mark is applied when the
 program is lowered, after every transformation, and only where the emitter is
 known to handle the whole function: a CPU-only lowering, every operation from
 a list of elementwise, shape and control-flow operations, matrix-vector
-products only (a matrix-matrix product's fusion is not implemented by that
-emitter), and no array above a size bound (there the per-kernel cost no longer
-matters, and XLA's library kernels are faster). Anywhere else the call is an
-ordinary one. ``NEURALDE_SINGLE_KERNEL=0`` in the environment turns the mark off.
+products only and no float reduction of more than 2048 elements (XLA:CPU hands
+matrix-matrix products and larger reductions to its YNNPACK library fusion,
+which that emitter does not implement), and no array above a size bound (there
+the per-kernel cost no longer matters, and XLA's library kernels are faster).
+Products that contract nothing (outer products: the weights' cotangent of a
+dense layer applied to a vector) are written as broadcast multiplies inside
+the call (`_small_dot_p`). Anywhere else the call is an ordinary one.
+``NEURALDE_SINGLE_KERNEL=0`` in the environment turns the mark off.
 
 The call takes its inputs as one buffer (`_Packing`). The emitter aborts the
 process (a failed CHECK on its buffer table, in ``IrEmitter::HandleParameter``)
@@ -28,9 +32,12 @@ constants of up to 10000 bytes as globals, not larger ones. Separate inputs hit
 this: a broadcast constant (two equal tolerances) or a large constant buffer (a
 dense history's initial value) as an operand. One buffer holding every input is
 either computed at run time (then XLA knows nothing of it and every use stays)
-or, when every input is a constant, one constant that is kept under 10000 bytes.
-Arrays that a previous loop produced (a checkpoint buffer) are never constants
-and are passed beside the buffer, whatever their size (``produced``).
+or, when every input is a constant, one constant. Up to 10000 bytes XLA
+embeds it; a larger buffer is first made a run-time value (`_runtime_value`:
+its first element passed through a comparison with a random draw, which XLA
+can neither fold nor prove; one draw per call). Arrays that a previous loop
+produced (a checkpoint buffer) are never constants and are passed beside the
+buffer, whatever their size (``produced``).
 
 Results agree with the ordinary loop to rounding (the single kernel may
 contract a multiply and an add differently). The loops that use it: the forward
@@ -80,6 +87,11 @@ _MAX_MATRIX = 4096
 # the emitter handles as an operand of the call even where its uses inside were
 # folded away; a larger one it does not (see the module docstring).
 _MAX_INPUT_BYTES = 10000
+# No reduction of more elements than this: XLA:CPU hands a float reduction of
+# 4096 elements or more to its YNNPACK library fusion, which the single-kernel
+# emitter does not implement (it fails to compile). Matrix-matrix products go
+# there too (hence `_matrix_vector`).
+_MAX_REDUCE = 2048
 
 _tag_p = Primitive("neuralde_single_kernel")
 _tag_p.multiple_results = True
@@ -87,6 +99,15 @@ _tag_p.def_impl(lambda *xs: list(xs))
 _tag_p.def_abstract_eval(lambda *avals: list(avals))
 ad.deflinear2(_tag_p, lambda cts, *_: list(cts))
 batching.primitive_batchers[_tag_p] = lambda args, dims: (_tag_p.bind(*args), dims)
+
+
+# The packed buffer, made a value XLA cannot know at compile time when it is
+# larger than XLA:CPU's embedded constants (see the module docstring).
+_runtime_p = Primitive("neuralde_runtime_value")
+_runtime_p.def_impl(lambda x: x)
+_runtime_p.def_abstract_eval(lambda a: a)
+ad.deflinear2(_runtime_p, lambda ct, _: [ct])
+batching.primitive_batchers[_runtime_p] = lambda args, dims: (_runtime_p.bind(*args), dims[0])
 
 
 def enabled() -> bool:
@@ -102,7 +123,7 @@ def single_kernel(fn, *args, produced=None):
     ``fn`` reads (never constants of the program); passed as they are, outside
     the packed inputs and their size bound."""
     run = fn if produced is None else functools.partial(fn, produced)
-    if not enabled():
+    if not enabled() or jax.default_backend() != "cpu":
         return run(*args)
     closed, out_shape = jax.make_jaxpr(run, return_shape=True)(*args)
     ins = list(closed.consts) + jtu.tree_leaves(args)
@@ -115,18 +136,19 @@ def single_kernel(fn, *args, produced=None):
         packing = _Packing([(jnp.result_type(x), jnp.shape(x)) for x in packed_ins])
     except TypeError:  # a dtype the buffer does not carry (complex, a PRNG key)
         packing = None
-    if packing is None or packing.nbytes > _MAX_INPUT_BYTES:
-        return run(*args)
+    if packing is None or packing.size > _MAX_ELEMENTS:
+        return run(*args)  # (inputs this large: the loop is not small)
     n_consts = len(closed.consts)
     out_tree = jtu.tree_structure(out_shape)
+    evaluate = _eval_small_dots if _has_dots(closed.jaxpr) else jax.core.eval_jaxpr
 
     def call(buffer, *passed):
         values = iter(packing.unpack(buffer))
         passed = iter(passed)
         flat = [next(passed) if i in outside else next(values) for i in range(len(ins))]
-        return jax.core.eval_jaxpr(closed.jaxpr, flat[:n_consts], *flat[n_consts:])
+        return evaluate(closed.jaxpr, flat[:n_consts], *flat[n_consts:])
 
-    outs = jax.jit(call)(packing.pack(packed_ins), *[ins[i] for i in outside])
+    outs = jax.jit(call)(_runtime_p.bind(packing.pack(packed_ins)), *[ins[i] for i in outside])
     return jtu.tree_unflatten(out_tree, _tag_p.bind(*outs))
 
 
@@ -152,7 +174,7 @@ class _Packing:
             n = 0 if dt == jax.dtypes.float0 else math.prod(shape)
             self.layout.append((dt, tuple(shape), offset, n))
             offset += n
-        self.nbytes = offset * width
+        self.size, self.nbytes = offset, offset * width
 
     def _carrier(self, dt):
         return self.unsigned if dt.kind == "u" else self.signed
@@ -232,6 +254,9 @@ def _eligible(symbol_table, name, seen) -> bool:
         if kind == "stablehlo.dot_general":
             if not _matrix_vector(op):
                 return False
+        elif kind == "stablehlo.reduce":
+            if any(_elements(v.type) > _MAX_REDUCE for v in op.operands):
+                return False
         elif kind not in _ALLOWED:
             return False
         if any(_elements(r.type) > _MAX_ELEMENTS for r in op.results):
@@ -245,10 +270,37 @@ def _eligible(symbol_table, name, seen) -> bool:
     return result
 
 
-# Verdicts on the callees of the module being lowered (a call's outputs are
-# tagged one by one); held with the module itself, not its id, which a later
-# module may reuse.
-_verdicts: dict = {"module": None, "seen": {}}
+# Of the module being lowered: verdicts on its callees (a call's outputs are
+# tagged one by one) and the packed buffers made run-time values; held with
+# the module itself, not its id, which a later module may reuse.
+_state: dict = {"module": None}
+
+
+def _module_state(module_context) -> dict:
+    if _state["module"] is not module_context.module:
+        _state.clear()
+        _state.update(module=module_context.module, seen={}, runtime=[])
+    return _state
+
+
+def _runtime_value(x):
+    # ``x`` with its first element replaced by itself where a uniform draw in
+    # [0, 1) is below 2: always ``x``, but XLA neither folds a random draw nor
+    # can prove the comparison, so it cannot treat the result as a constant.
+    # (One element: XLA fuses the draw into its consumer, per element.)
+    flat = x.reshape(-1)
+    draw = jax.lax.rng_uniform(np.float32(0), np.float32(1), ())
+    first = jax.lax.select(draw < 2, flat[0], jnp.zeros((), x.dtype))
+    return jax.lax.dynamic_update_index_in_dim(flat, first, 0, 0).reshape(x.shape)
+
+
+def _runtime_lowering_cpu(ctx, x):
+    (aval,) = ctx.avals_in
+    if aval.size * aval.dtype.itemsize <= _MAX_INPUT_BYTES:
+        return [x]  # embedded by XLA if it is a constant
+    (out,) = mlir.lower_fun(_runtime_value, multiple_results=False)(ctx, x)
+    _module_state(ctx.module_context)["runtime"].append(out)
+    return [out]
 
 
 def _lowering(ctx, *xs):
@@ -266,13 +318,13 @@ def _mark(module_context, x):
         op = getattr(owner, "operation", None)
         if op is not None and op.name == "func.call" and "xla_cpu_small_call" not in _attribute_names(op):
             callee = op.attributes["callee"].value
-            if _verdicts["module"] is not module_context.module:
-                _verdicts["module"], _verdicts["seen"] = module_context.module, {}
-            seen = _verdicts["seen"]
-            # The packed inputs (the first operand) within the bound also after
-            # `jax.vmap` (the others are `produced` by a loop).
-            small_inputs = not op.operands or _bytes(op.operands[0].type) <= _MAX_INPUT_BYTES
-            if small_inputs and _eligible(module_context.symbol_table, callee, seen):
+            state = _module_state(module_context)
+            # The packed inputs (the first operand): within the bound also after
+            # `jax.vmap`, or made a run-time value (the other operands are
+            # `produced` by a loop).
+            safe_inputs = not op.operands or _bytes(op.operands[0].type) <= _MAX_INPUT_BYTES or any(
+                v == op.operands[0] for v in state["runtime"])
+            if safe_inputs and _eligible(module_context.symbol_table, callee, state["seen"]):
                 attrs = {k: mlir.ir.StringAttr.get(v) for k, v in _ATTRIBUTES.items()}
                 if "mhlo.frontend_attributes" in _attribute_names(op):
                     for a in mlir.ir.DictAttr(op.attributes["mhlo.frontend_attributes"]):
@@ -288,3 +340,169 @@ def _attribute_names(op):
 
 
 mlir.register_lowering(_tag_p, _lowering, cacheable=False)
+mlir.register_lowering(_runtime_p, lambda ctx, x: [x])
+mlir.register_lowering(_runtime_p, _runtime_lowering_cpu, platform="cpu", cacheable=False)
+
+
+# --- outer products ----------------------------------------------------------
+#
+# The single-kernel emitter handles matrix-vector products but not the library
+# fusion XLA:CPU makes of a matrix-matrix one. The gradient of a vector state
+# through a dense layer has one: the weights' cotangent is the outer product of
+# the layer's input and output cotangents, a `dot_general` that contracts
+# nothing. Inside a `single_kernel` call every `dot_general` becomes
+# `_small_dot_p`, the same product, which for XLA:CPU is lowered, when it
+# contracts nothing and is within the element bound, as a broadcast multiply,
+# and otherwise as the `dot_general` it was. The choice is made when lowering,
+# on the final shapes (after `jax.vmap`). (Products that sum, written as a
+# multiply and a reduction, compile as one kernel too, but measured slower than
+# XLA's separate kernels: W3's forward solve 94 against 54 us.)
+
+_small_dot_p = Primitive("neuralde_small_dot")
+
+
+def _dot(x, y, **params):
+    return jax.lax.dot_general_p.bind(x, y, **params)
+
+
+_small_dot_p.def_impl(_dot)
+_small_dot_p.def_abstract_eval(lambda x, y, **params: jax.lax.dot_general_p.abstract_eval(x, y, **params)[0])
+
+
+def _substituted(fn, *args):
+    """``fn(*args)``, traced, its products made `_small_dot_p`."""
+    closed = jax.make_jaxpr(fn)(*args)
+    return _eval_small_dots(closed.jaxpr, closed.consts, *args)
+
+
+def _struct(aval):
+    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type)
+
+
+def _transpose_lhs(ct, x, y, **params):
+    return _substituted(lambda c, b: jax.linear_transpose(lambda a: _dot(a, b, **params), _struct(x.aval))(c)[0],
+                        ct, y)[0]
+
+
+def _transpose_rhs(ct, x, y, **params):
+    return _substituted(lambda c, a: jax.linear_transpose(lambda b: _dot(a, b, **params), _struct(y.aval))(c)[0],
+                        ct, x)[0]
+
+
+ad.defbilinear(_small_dot_p, _transpose_lhs, _transpose_rhs)
+
+
+def _small_dot_batch(args, dims, **params):
+    axes = [d if isinstance(d, int) else None for d in dims]
+    out = _substituted(jax.vmap(functools.partial(_dot, **params), in_axes=axes), *args)[0]
+    return out, 0
+
+
+batching.primitive_batchers[_small_dot_p] = _small_dot_batch
+
+
+def _product_shape(x_shape, y_shape, dimension_numbers):
+    (xc, yc), (xb, yb) = dimension_numbers
+    batch = [x_shape[i] for i in xb]
+    x_free = [n for i, n in enumerate(x_shape) if i not in xc and i not in xb]
+    y_free = [n for i, n in enumerate(y_shape) if i not in yc and i not in yb]
+    contracted = [x_shape[i] for i in xc]
+    return batch, x_free, y_free, contracted
+
+
+def _outer_product(x, y, *, dimension_numbers, preferred_element_type, **_):
+    """A product that contracts nothing (every contracted axis has length 1)
+    as a broadcast multiply."""
+    (xc, yc), (xb, yb) = dimension_numbers
+    dtype = preferred_element_type or jnp.result_type(x, y)
+    batch, x_free, y_free, _ = _product_shape(x.shape, y.shape, dimension_numbers)
+    x_rest = [i for i in range(x.ndim) if i not in xc and i not in xb]
+    y_rest = [i for i in range(y.ndim) if i not in yc and i not in yb]
+    xm = jax.lax.transpose(x, (*xb, *x_rest, *xc)).reshape(*batch, math.prod(x_free), 1).astype(dtype)
+    ym = jax.lax.transpose(y, (*yb, *yc, *y_rest)).reshape(*batch, 1, math.prod(y_free)).astype(dtype)
+    return (xm * ym).reshape(*batch, *x_free, *y_free)
+
+
+def _small_dot_cpu(x, y, **params):
+    batch, x_free, y_free, contracted = _product_shape(x.shape, y.shape, params["dimension_numbers"])
+    if math.prod(contracted) == 1 and math.prod(batch + x_free + y_free) <= _MAX_ELEMENTS:
+        return _outer_product(x, y, **params)
+    return _dot(x, y, **params)
+
+
+mlir.register_lowering(_small_dot_p, mlir.lower_fun(_dot, multiple_results=False))
+mlir.register_lowering(_small_dot_p, mlir.lower_fun(_small_dot_cpu, multiple_results=False), platform="cpu")
+
+
+def _sub_jaxprs(params):
+    for value in params.values():
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(v, jax.extend.core.ClosedJaxpr):
+                yield v.jaxpr
+            elif isinstance(v, jax.extend.core.Jaxpr):
+                yield v
+
+
+def _has_dots(jaxpr) -> bool:
+    """Whether ``jaxpr`` (its inner jaxprs included) has a `dot_general`."""
+    return any(eqn.primitive is jax.lax.dot_general_p or any(_has_dots(j) for j in _sub_jaxprs(eqn.params))
+               for eqn in jaxpr.eqns)
+
+
+def _rewrite(value):
+    """An inner jaxpr (closed or open) with its products made `_small_dot_p`;
+    the value itself where there is nothing to change or it cannot be."""
+    if isinstance(value, (tuple, list)):
+        items = [_rewrite(v) for v in value]
+        if all(a is b for a, b in zip(items, value)):
+            return value
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if isinstance(value, jax.extend.core.ClosedJaxpr):
+        jaxpr, consts = value.jaxpr, value.consts
+    elif isinstance(value, jax.extend.core.Jaxpr) and not value.constvars:
+        jaxpr, consts = value, []
+    else:
+        return value
+    if not _has_dots(jaxpr):
+        return value
+    structs = [_struct(v.aval) for v in jaxpr.invars]
+    new = jax.make_jaxpr(lambda *a: _eval_small_dots(jaxpr, consts, *a))(*structs)
+    if isinstance(value, jax.extend.core.ClosedJaxpr):
+        return new
+    return new.jaxpr if not new.consts else value
+
+
+def _rewrite_or_keep(value):
+    # A parameter of a structure the rewrite does not know keeps its products
+    # as they are (correct, only not written as multiplies).
+    try:
+        return _rewrite(value)
+    except Exception:  # pragma: no cover - depends on JAX's parameter types
+        return value
+
+
+def _eval_small_dots(jaxpr, consts, *args):
+    """`jax.core.eval_jaxpr`, with every `dot_general` (inner jaxprs
+    included) bound as `_small_dot_p`."""
+    env = {}
+
+    def read(v):
+        return v.val if isinstance(v, jax.extend.core.Literal) else env[v]
+
+    for v, x in zip(jaxpr.constvars, consts):
+        env[v] = x
+    for v, x in zip(jaxpr.invars, args):
+        env[v] = x
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        if eqn.primitive is jax.lax.dot_general_p:
+            outs = [_small_dot_p.bind(*invals, **eqn.params)]
+        else:
+            params = {k: _rewrite_or_keep(v) for k, v in eqn.params.items()}
+            with eqn.ctx.manager:
+                outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(params))
+            if not eqn.primitive.multiple_results:
+                outs = [outs]
+        for v, x in zip(eqn.outvars, outs):
+            env[v] = x
+    return [read(v) for v in jaxpr.outvars]
