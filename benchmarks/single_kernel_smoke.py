@@ -6,7 +6,8 @@ results.
 
     python benchmarks/single_kernel_smoke.py [NAME ...]
 
-Output: one line per configuration, ``name | marked? | max relative difference``.
+Output: one line per configuration, ``name | marked? | difference``: the
+largest absolute difference of the results over their largest magnitude.
 Run it after upgrading jax/jaxlib: the mark relies on what that emitter handles.
 """
 from __future__ import annotations
@@ -52,8 +53,33 @@ def stiff(solver, k, ts=jnp.array([0.0, 1.0]), **kw):
     return nde.solve(nde.ODETerm(rober), solver, Y_ROBER, ts, args=k, rtol=1e-6, atol=1e-10, **kw).ys
 
 
+def mlp(sizes, dtype=jnp.float64, key=0):
+    rng = np.random.default_rng(key)
+    return [(jnp.asarray(rng.normal(0.0, 1.0 / np.sqrt(a), (a, b)), dtype), jnp.asarray(rng.normal(0.0, 0.1, b), dtype))
+            for a, b in zip(sizes[:-1], sizes[1:])]
+
+
+def mlp_field(t, y, params):
+    for i, (w, b) in enumerate(params):
+        y = y @ w + b
+        y = jnp.tanh(y) if i < len(params) - 1 else y
+    return y
+
+
+def mlp_loss(y0=jnp.array([0.5, -0.3]), sens=CK, **kw):
+    def loss(p):
+        sol = nde.solve(nde.ODETerm(mlp_field), nde.Tsit5(), y0, TS[:5].astype(y0.dtype), args=p, sensitivity=sens,
+                        **kw)
+        return jnp.sum(sol.ys ** 2)
+
+    return loss
+
+
 def configs():
     term = nde.SDETerm(lambda t, y, a: -a * y, lambda t, y, a: 0.3 * y)
+    w40 = mlp([2, 40, 40, 2])
+    w64 = mlp([2, 64, 64, 2], jnp.float32)
+    y32 = jnp.array([0.5, -0.3], jnp.float32)
 
     def sde(solver, a, key, **kw):
         return nde.solve(term, solver, jnp.ones(2), TS, args=a, key=key, **kw).ys
@@ -100,6 +126,21 @@ def configs():
                                                                 TS.astype(jnp.float32), args=P.astype(jnp.float32),
                                                                 rtol=1e-5, atol=1e-5).ys, ()),
         "no jit ck grad": ("nojit", jax.grad(loss_fn()), (P,)),
+        "mlp ck grad": (jax.grad(mlp_loss()), (w40,)),
+        "mlp all-constant ck grad": (lambda: jax.grad(mlp_loss())(w40), ()),
+        "mlp float32 ck grad": (jax.grad(mlp_loss(y32, rtol=1e-5, atol=1e-6)), (w64,)),
+        "mlp vmap ck grad": (jax.vmap(lambda y0: jax.grad(mlp_loss(y0))(w40)), (jnp.stack([U0, -U0, 0.5 * U0]),)),
+        "mlp grad of vmap": (jax.grad(lambda p: sum(mlp_loss(y0)(p) for y0 in (U0, -U0))), (w40,)),
+        "mlp jacfwd": (jax.jacfwd(lambda s: nde.solve(nde.ODETerm(mlp_field), nde.Tsit5(), U0, TS[:5],
+                                                      args=[(w * s, b) for w, b in w40],
+                                                      sensitivity=nde.ForwardMode()).ys), (1.0,)),
+        "mlp backsolve grad": (jax.grad(mlp_loss(sens=nde.BacksolveAdjoint())), (w40,)),
+        "mlp batch forward": (lambda p: nde.solve(nde.ODETerm(mlp_field), nde.Tsit5(), jnp.stack([U0, -U0]), TS[:5],
+                                                  args=p).ys, (w40,)),
+        "mlp dense": (lambda p: nde.solve(nde.ODETerm(mlp_field), nde.Tsit5(), U0, TS[:5], args=p,
+                                          dense=True).evaluate(0.3), (w40,)),
+        "large state": (lambda a: nde.solve(nde.ODETerm(lambda t, y, a: -a * y), nde.Tsit5(),
+                                            jnp.linspace(1.0, 2.0, 4096), TS[:5], args=a).ys, (0.5,)),
         "progress": (lambda p: nde.solve(nde.ODETerm(lv), nde.Tsit5(), U0, TS, args=p, progress=True).ys, (P,)),
     }
 
@@ -144,7 +185,9 @@ def main(names):
             if not np.array_equal(np.isfinite(x), finite):
                 diff = "non-finite values differ"
             elif finite.any():
-                diff = "%.2e" % np.max(np.abs(x[finite] - y[finite]) / np.maximum(np.abs(y[finite]), 1e-300))
+                # relative to the largest value of the results (small entries
+                # of a gradient differ by rounding relative to the large ones)
+                diff = "%.2e" % (np.max(np.abs(x[finite] - y[finite])) / max(np.max(np.abs(y[finite])), 1e-300))
             else:
                 diff = "all non-finite"
             print(f"{name} | {marks['1']} | {diff}", flush=True)
