@@ -1,6 +1,6 @@
-"""W3, W4 and W8: neural ODEs, neuralde against diffrax, odeint and torchdiffeq in one run.
+"""W3, W3s, W4 and W8: neural ODEs, neuralde against diffrax, odeint and torchdiffeq in one run.
 
-    python benchmarks/bench_neural_ode.py [--only W3 W4 W8] [--rounds 5] [--budget 0.3] [--w8-batch 16384] [--no-save]
+    python benchmarks/bench_neural_ode.py [--only W3 W3s W4 W8] [--rounds 5] [--budget 0.3] [--w8-batch N] [--no-save]
 
 All float32, Tsit5 in neuralde and diffrax (diffrax: PIDController; gradients
 through its default RecursiveCheckpointAdjoint), Dopri5 in odeint (gradient:
@@ -16,6 +16,13 @@ batch of 20 windows of 10 consecutive points (numpy seed 0); model dy/dt =
 MLP(y**3), MLP 2-50-2 (tanh); loss mean |y_pred - y_true| over the batch
 solved as one (20, 2) state on t[:10]; rtol 1e-5, atol 1e-6; one timed call is
 value_and_grad + one Adam step (lr 1e-3; optax / torch.optim).
+
+W3s (not one of issue #8's workloads; the neural ODE example of DiffEqFlux's
+README): W3's model trained on one trajectory, y0 = (2, 0), 30 points of
+linspace(0, 1.5, 30) from the same ODE; loss sum of squared errors; one timed
+call is value_and_grad + one Adam step (lr 1e-2). The state is a vector, so
+the MLP's products are matrix-vector (forward) and outer products (the
+weights' cotangents).
 
 W4 batched neural ODE: 256 initial states in 2-D (normal, seed 1), dy/dt =
 MLP(y), MLP 2-64-64-2 (tanh), t in [0, 1] (saved at t = 1 only), rtol 1e-5,
@@ -280,9 +287,94 @@ def w3(ns):
                     settings=dict(batch=20, n_t=10, mlp=[2, 50, 2], rtol=rtol, atol=atol), save=not ns.no_save)
 
 
+def w3s(ns):
+    """W3s: W3's model trained on one trajectory (the neural ODE example of
+    DiffEqFlux's README): a vector state, so the MLP's products are
+    matrix-vector forward and outer products backward."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from scipy.integrate import solve_ivp
+
+    import diffrax
+    import neuralde as nde
+    from jax.experimental.ode import odeint
+
+    A = np.array([[-0.1, 2.0], [-2.0, -0.1]])
+    t_np = np.linspace(0.0, 1.5, 30)
+    true = solve_ivp(lambda t, y: (y ** 3) @ A, (0, 1.5), np.array([2.0, 0.0]), method="DOP853", rtol=1e-10,
+                     atol=1e-10, t_eval=t_np).y.T
+    rtol, atol = 1e-5, 1e-6
+    params = [tuple(map(jnp.asarray, wb)) for wb in init_mlp([2, 50, 2], 3)]
+    y0, ts, data = jnp.array([2.0, 0.0], jnp.float32), jnp.asarray(t_np, jnp.float32), jnp.asarray(true, jnp.float32)
+
+    def field(t, y, p):
+        return jax_mlp(p, y ** 3)
+
+    opt = optax.adam(1e-2)
+    opt_state = opt.init(params)
+
+    def make_step(solve):
+        def loss(p):
+            ys, nfev = solve(p)
+            return jnp.sum((ys - data) ** 2), nfev
+
+        @jax.jit
+        def step(p, s):
+            (val, nfev), g = jax.value_and_grad(loss, has_aux=True)(p)
+            updates, s = opt.update(g, s, p)
+            return optax.apply_updates(p, updates), s, val, nfev
+
+        return lambda: step(params, opt_state)
+
+    def nde_solve(p):
+        sol = nde.solve(nde.ODETerm(field), nde.Tsit5(), y0, ts, args=p, rtol=rtol, atol=atol)
+        return sol.ys, sol.stats["num_fevals"]
+
+    def dfx_solve(p):
+        sol = diffrax.diffeqsolve(diffrax.ODETerm(field), diffrax.Tsit5(), ts[0], ts[-1], None, y0, args=p,
+                                  saveat=diffrax.SaveAt(ts=ts),
+                                  stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol))
+        return sol.ys, 0
+
+    def ode_solve(p):
+        return odeint(lambda y, t, p: field(t, y, p), y0, ts, p, rtol=rtol, atol=atol), 0
+
+    cases = [H.Case("neuralde Tsit5 (CheckpointAdjoint)", make_step(nde_solve)),
+             H.Case("diffrax Tsit5 (RecursiveCheckpoint)", make_step(dfx_solve)),
+             H.Case("jax odeint Dopri5 (adjoint)", make_step(ode_solve))]
+    nfev = cases[0].nfev = int(H.first_call(cases[0])[3])
+
+    torch = H.torch_threads()
+    if torch is not None:
+        import torchdiffeq
+
+        dev = _torch_device(torch)
+        mlp = TorchMLP(torch, init_mlp([2, 50, 2], 3), dev)
+        topt = torch.optim.Adam(mlp.parameters(), lr=1e-2)
+        t_y0, t_t, t_y = (torch.tensor(np.asarray(a), device=dev) for a in (y0, ts, data))
+
+        def torch_step():
+            topt.zero_grad()
+            pred = torchdiffeq.odeint(lambda t, y: mlp(y ** 3), t_y0, t_t, rtol=rtol, atol=atol, method="dopri5")
+            val = torch.sum((pred - t_y) ** 2)
+            val.backward()
+            topt.step()
+            return val.detach()
+
+        cases.append(H.Case(f"torchdiffeq dopri5 backprop ({dev})", torch_step, kind="torch"))
+    fname = "floor: nfev x vf, scan + grad"
+    cases.append(H.Case(fname, H.floor_grad(field, y0, params, nfev, lambda y: jnp.sum(y ** 2))))
+    H.run_cases(cases, rounds=ns.rounds, budget_s=ns.budget)
+    return H.report("W3s", "spiral neural ODE training step on one trajectory (DiffEqFlux's example: u0 = (2, 0), "
+                    "30 times in [0, 1.5]; value_and_grad + Adam), MLP 2-50-2 on y**3, rtol=1e-5, atol=1e-6, float32",
+                    cases, floor=fname, settings=dict(n_t=30, mlp=[2, 50, 2], rtol=rtol, atol=atol),
+                    save=not ns.no_save)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", nargs="+", choices=["W3", "W4", "W8"], default=None)
+    parser.add_argument("--only", nargs="+", choices=["W3", "W3s", "W4", "W8"], default=None)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--budget", type=float, default=0.3, help="seconds per case per round")
     parser.add_argument("--w4-modes", nargs="+", default=["shared", "vmap"], choices=["shared", "vmap"])
@@ -296,9 +388,11 @@ def main(argv=None):
     if torch is not None:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    only = ns.only or (["W3", "W4", "W8"] if jax.devices()[0].platform == "gpu" else ["W3", "W4"])
+    only = ns.only or (["W3", "W3s", "W4", "W8"] if jax.devices()[0].platform == "gpu" else ["W3", "W3s", "W4"])
     if "W3" in only:
         w3(ns)
+    if "W3s" in only:
+        w3s(ns)
     if "W4" in only:
         workload_batched(ns, "W4", [2, 64, 64, 2], 256, 2, 5, ns.w4_modes, title="batched neural ODE")
     if "W8" in only:
