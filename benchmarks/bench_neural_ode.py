@@ -201,43 +201,45 @@ def _torch_case(torch, sizes, seed, y0, rtol, atol, grad, label):
     return H.Case(f"torchdiffeq dopri5 {label} ({dev})", run, kind="torch")
 
 
-def w3(ns):
+def _spiral_data(t_np):
+    """States of the spiral ODE dy/dt = (y**3) A from y0 = (2, 0) at ``t_np``."""
+    from scipy.integrate import solve_ivp
+
+    A = np.array([[-0.1, 2.0], [-2.0, -0.1]])
+    return solve_ivp(lambda t, y: (y ** 3) @ A, (0, t_np[-1]), np.array([2.0, 0.0]), method="DOP853", rtol=1e-10,
+                     atol=1e-10, t_eval=t_np).y.T
+
+
+def _training_step(ns, workload, title, y0, ts, data, loss, lr, settings):
+    """One Adam training step of ``y' = MLP(y**3)`` (MLP 2-50-2) on ``data``
+    at ``ts`` from ``y0``, ``loss(pred, data)`` written for both JAX and
+    PyTorch arrays: neuralde, diffrax, odeint and torchdiffeq in one run."""
     import jax
     import jax.numpy as jnp
     import optax
-    from scipy.integrate import solve_ivp
 
     import diffrax
     import neuralde as nde
     from jax.experimental.ode import odeint
 
-    A = np.array([[-0.1, 2.0], [-2.0, -0.1]])
-    t_all = np.linspace(0.0, 25.0, 1000)
-    true = solve_ivp(lambda t, y: (y ** 3) @ A, (0, 25), np.array([2.0, 0.0]), method="DOP853", rtol=1e-10,
-                     atol=1e-10, t_eval=t_all).y.T
-    rng = np.random.default_rng(0)
-    s = rng.choice(1000 - 10, 20, replace=False)
-    by0 = true[s].astype(np.float32)
-    bt = t_all[:10].astype(np.float32)
-    by = np.stack([true[s + i] for i in range(10)]).astype(np.float32)  # (10, 20, 2)
     rtol, atol = 1e-5, 1e-6
     params = [tuple(map(jnp.asarray, wb)) for wb in init_mlp([2, 50, 2], 3)]
-    y0, ts, ys_true = jnp.asarray(by0), jnp.asarray(bt), jnp.asarray(by)
+    y0, ts, data = (jnp.asarray(a, jnp.float32) for a in (y0, ts, data))
 
     def field(t, y, p):
         return jax_mlp(p, y ** 3)
 
-    opt = optax.adam(1e-3)
+    opt = optax.adam(lr)
     opt_state = opt.init(params)
 
     def make_step(solve):
-        def loss(p):
+        def objective(p):
             ys, nfev = solve(p)
-            return jnp.mean(jnp.abs(ys - ys_true)), nfev
+            return loss(ys, data), nfev
 
         @jax.jit
         def step(p, s):
-            (val, nfev), g = jax.value_and_grad(loss, has_aux=True)(p)
+            (val, nfev), g = jax.value_and_grad(objective, has_aux=True)(p)
             updates, s = opt.update(g, s, p)
             return optax.apply_updates(p, updates), s, val, nfev
 
@@ -267,109 +269,45 @@ def w3(ns):
 
         dev = _torch_device(torch)
         mlp = TorchMLP(torch, init_mlp([2, 50, 2], 3), dev)
-        topt = torch.optim.Adam(mlp.parameters(), lr=1e-3)
-        t_y0, t_t, t_y = (torch.tensor(a, device=dev) for a in (by0, bt, by))
+        topt = torch.optim.Adam(mlp.parameters(), lr=lr)
+        t_y0, t_t, t_y = (torch.tensor(np.asarray(a), device=dev) for a in (y0, ts, data))
 
         def torch_step():
             topt.zero_grad()
             pred = torchdiffeq.odeint(lambda t, y: mlp(y ** 3), t_y0, t_t, rtol=rtol, atol=atol, method="dopri5")
-            val = torch.mean(torch.abs(pred - t_y))
+            val = loss(pred, t_y)
             val.backward()
             topt.step()
             return val.detach()
 
         cases.append(H.Case(f"torchdiffeq dopri5 backprop ({dev})", torch_step, kind="torch"))
     fname = "floor: nfev x vf, scan + grad"
-    cases.append(H.Case(fname, H.floor_grad(field, y0, params, nfev, lambda y: jnp.mean(jnp.abs(y)))))
+    cases.append(H.Case(fname, H.floor_grad(field, y0, params, nfev, lambda y: loss(y, jnp.zeros_like(y)))))
     H.run_cases(cases, rounds=ns.rounds, budget_s=ns.budget)
-    return H.report("W3", "spiral neural ODE training step (value_and_grad + Adam), MLP 2-50-2 on y**3, batch 20 x "
-                    "10 times, rtol=1e-5, atol=1e-6, float32", cases, floor=fname,
-                    settings=dict(batch=20, n_t=10, mlp=[2, 50, 2], rtol=rtol, atol=atol), save=not ns.no_save)
+    return H.report(workload, title, cases, floor=fname, settings=dict(settings, mlp=[2, 50, 2], rtol=rtol, atol=atol),
+                    save=not ns.no_save)
+
+
+def w3(ns):
+    t_all = np.linspace(0.0, 25.0, 1000)
+    true = _spiral_data(t_all)
+    rng = np.random.default_rng(0)
+    s = rng.choice(1000 - 10, 20, replace=False)
+    data = np.stack([true[s + i] for i in range(10)])  # (10, 20, 2)
+    return _training_step(ns, "W3", "spiral neural ODE training step (value_and_grad + Adam), MLP 2-50-2 on y**3, "
+                          "batch 20 x 10 times, rtol=1e-5, atol=1e-6, float32", true[s], t_all[:10], data,
+                          lambda pred, y: abs(pred - y).mean(), 1e-3, dict(batch=20, n_t=10))
 
 
 def w3s(ns):
     """W3s: W3's model trained on one trajectory (the neural ODE example of
     DiffEqFlux's README): a vector state, so the MLP's products are
     matrix-vector forward and outer products backward."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from scipy.integrate import solve_ivp
-
-    import diffrax
-    import neuralde as nde
-    from jax.experimental.ode import odeint
-
-    A = np.array([[-0.1, 2.0], [-2.0, -0.1]])
     t_np = np.linspace(0.0, 1.5, 30)
-    true = solve_ivp(lambda t, y: (y ** 3) @ A, (0, 1.5), np.array([2.0, 0.0]), method="DOP853", rtol=1e-10,
-                     atol=1e-10, t_eval=t_np).y.T
-    rtol, atol = 1e-5, 1e-6
-    params = [tuple(map(jnp.asarray, wb)) for wb in init_mlp([2, 50, 2], 3)]
-    y0, ts, data = jnp.array([2.0, 0.0], jnp.float32), jnp.asarray(t_np, jnp.float32), jnp.asarray(true, jnp.float32)
-
-    def field(t, y, p):
-        return jax_mlp(p, y ** 3)
-
-    opt = optax.adam(1e-2)
-    opt_state = opt.init(params)
-
-    def make_step(solve):
-        def loss(p):
-            ys, nfev = solve(p)
-            return jnp.sum((ys - data) ** 2), nfev
-
-        @jax.jit
-        def step(p, s):
-            (val, nfev), g = jax.value_and_grad(loss, has_aux=True)(p)
-            updates, s = opt.update(g, s, p)
-            return optax.apply_updates(p, updates), s, val, nfev
-
-        return lambda: step(params, opt_state)
-
-    def nde_solve(p):
-        sol = nde.solve(nde.ODETerm(field), nde.Tsit5(), y0, ts, args=p, rtol=rtol, atol=atol)
-        return sol.ys, sol.stats["num_fevals"]
-
-    def dfx_solve(p):
-        sol = diffrax.diffeqsolve(diffrax.ODETerm(field), diffrax.Tsit5(), ts[0], ts[-1], None, y0, args=p,
-                                  saveat=diffrax.SaveAt(ts=ts),
-                                  stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol))
-        return sol.ys, 0
-
-    def ode_solve(p):
-        return odeint(lambda y, t, p: field(t, y, p), y0, ts, p, rtol=rtol, atol=atol), 0
-
-    cases = [H.Case("neuralde Tsit5 (CheckpointAdjoint)", make_step(nde_solve)),
-             H.Case("diffrax Tsit5 (RecursiveCheckpoint)", make_step(dfx_solve)),
-             H.Case("jax odeint Dopri5 (adjoint)", make_step(ode_solve))]
-    nfev = cases[0].nfev = int(H.first_call(cases[0])[3])
-
-    torch = H.torch_threads()
-    if torch is not None:
-        import torchdiffeq
-
-        dev = _torch_device(torch)
-        mlp = TorchMLP(torch, init_mlp([2, 50, 2], 3), dev)
-        topt = torch.optim.Adam(mlp.parameters(), lr=1e-2)
-        t_y0, t_t, t_y = (torch.tensor(np.asarray(a), device=dev) for a in (y0, ts, data))
-
-        def torch_step():
-            topt.zero_grad()
-            pred = torchdiffeq.odeint(lambda t, y: mlp(y ** 3), t_y0, t_t, rtol=rtol, atol=atol, method="dopri5")
-            val = torch.sum((pred - t_y) ** 2)
-            val.backward()
-            topt.step()
-            return val.detach()
-
-        cases.append(H.Case(f"torchdiffeq dopri5 backprop ({dev})", torch_step, kind="torch"))
-    fname = "floor: nfev x vf, scan + grad"
-    cases.append(H.Case(fname, H.floor_grad(field, y0, params, nfev, lambda y: jnp.sum(y ** 2))))
-    H.run_cases(cases, rounds=ns.rounds, budget_s=ns.budget)
-    return H.report("W3s", "spiral neural ODE training step on one trajectory (DiffEqFlux's example: u0 = (2, 0), "
-                    "30 times in [0, 1.5]; value_and_grad + Adam), MLP 2-50-2 on y**3, rtol=1e-5, atol=1e-6, float32",
-                    cases, floor=fname, settings=dict(n_t=30, mlp=[2, 50, 2], rtol=rtol, atol=atol),
-                    save=not ns.no_save)
+    return _training_step(ns, "W3s", "spiral neural ODE training step on one trajectory (DiffEqFlux's example: "
+                          "u0 = (2, 0), 30 times in [0, 1.5]; value_and_grad + Adam), MLP 2-50-2 on y**3, "
+                          "rtol=1e-5, atol=1e-6, float32", np.array([2.0, 0.0]), t_np, _spiral_data(t_np),
+                          lambda pred, y: ((pred - y) ** 2).sum(), 1e-2, dict(n_t=30))
 
 
 def main(argv=None):
