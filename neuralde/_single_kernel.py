@@ -130,26 +130,61 @@ def single_kernel(fn, *args, produced=None):
     # ``produced`` arrays the function closes over are consts of its jaxpr:
     # take them out of the packing by identity.
     extra = jtu.tree_leaves(produced)
-    outside = [i for i, x in enumerate(ins) if any(x is e for e in extra)]
+    outside = frozenset(i for i, x in enumerate(ins) if any(x is e for e in extra))
+    outs = _call(closed.jaxpr, len(closed.consts), outside, ins)
+    return jtu.tree_unflatten(jtu.tree_structure(out_shape), outs)
+
+
+def _call(jaxpr, n_consts, outside, ins):
+    """``jaxpr`` (``n_consts`` constvars) applied to ``ins``, the inputs at
+    the indices ``outside`` passed as they are and the others packed into one
+    buffer.
+
+    Under `jax.vmap` the call is batched as a whole (a `custom_vmap` rule): the
+    function is vmapped with the batched inputs only, and the result called
+    again with every input as it is. Batching the packed call itself would
+    batch the buffer, and with it every input in it: the parameters of a
+    vector field would be copied once per lane (and the products that use
+    them become per-lane products)."""
+
+    def evaluate(*xs):
+        return jax.core.eval_jaxpr(jaxpr, xs[:n_consts], *xs[n_consts:])
+
     packed_ins = [x for i, x in enumerate(ins) if i not in outside]
     try:
         packing = _Packing([(jnp.result_type(x), jnp.shape(x)) for x in packed_ins])
     except TypeError:  # a dtype the buffer does not carry (complex, a PRNG key)
         packing = None
     if packing is None or packing.size > _MAX_ELEMENTS:
-        return run(*args)  # (inputs this large: the loop is not small)
-    n_consts = len(closed.consts)
-    out_tree = jtu.tree_structure(out_shape)
-    evaluate = _eval_small_dots if _has_dots(closed.jaxpr) else jax.core.eval_jaxpr
+        return evaluate(*ins)  # (inputs this large: the loop is not small)
+    inner = _eval_small_dots if _has_dots(jaxpr) else jax.core.eval_jaxpr
 
     def call(buffer, *passed):
         values = iter(packing.unpack(buffer))
         passed = iter(passed)
         flat = [next(passed) if i in outside else next(values) for i in range(len(ins))]
-        return evaluate(closed.jaxpr, flat[:n_consts], *flat[n_consts:])
+        return inner(jaxpr, flat[:n_consts], *flat[n_consts:])
 
-    outs = jax.jit(call)(_runtime_p.bind(packing.pack(packed_ins)), *[ins[i] for i in outside])
-    return jtu.tree_unflatten(out_tree, _tag_p.bind(*outs))
+    def packed_call(*xs):
+        buffer = _runtime_p.bind(packing.pack([x for i, x in enumerate(xs) if i not in outside]))
+        return _tag_p.bind(*jax.jit(call)(buffer, *[xs[i] for i in sorted(outside)]))
+
+    packed = jax.custom_batching.custom_vmap(packed_call)
+
+    @packed.def_vmap
+    def _batched(axis_size, in_batched, *xs):
+        if not any(in_batched):
+            # (`jax.jvp` of a batched call: this is the primal part; its
+            # tangents are batched by the caller.)
+            outs = packed_call(*xs)
+            return outs, [False] * len(outs)
+        axes = tuple(0 if b else None for b in in_batched)
+        closed = jax.make_jaxpr(jax.vmap(evaluate, in_axes=axes, axis_size=axis_size))(*xs)
+        k = len(closed.consts)
+        outs = _call(closed.jaxpr, k, frozenset(i + k for i in outside), [*closed.consts, *xs])
+        return outs, [True] * len(outs)
+
+    return packed(*ins)
 
 
 class _Packing:
