@@ -43,8 +43,10 @@ class PIController(eqx.Module):
     estimate plus one. A rejected step is retried with the integral part only
     (``safety * err^(-1/k)``, at least ``factor_min``), and the step after a
     rejection may not grow (Hairer, Norsett & Wanner, Solving ODEs I, II.4;
-    Gustafsson (1991), ACM TOMS 17(4):533-554; the coefficients 0.7 and 0.4 are
-    those OrdinaryDiffEq.jl uses for its 5(4) pairs).
+    Gustafsson (1991), ACM TOMS 17(4):533-554). The defaults 0.7 and 0.4 are
+    those OrdinaryDiffEq.jl uses for its 5(4) pairs; `solve` takes each
+    solver's own ``pi_coefficients`` (explicit Runge--Kutta: 0.85 and 0.2,
+    the exponents 0.17 and 0.04 of Hairer's DOPRI5 code).
     """
 
     safety: float = 0.9

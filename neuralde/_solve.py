@@ -114,7 +114,7 @@ def _solve_jit(term, solver, y0, t, args, sensitivity, rtol, atol, dt0, *, adapt
         dt0 = jnp.abs(jnp.asarray(dt0, time_dtype))
     config = LoopConfig(
         solver=solver,
-        controller=PIController(),
+        controller=_controller_for(solver),
         adaptive=adaptive,
         max_steps=max_steps,
         dense=dense,
@@ -135,6 +135,11 @@ def _solve_jit(term, solver, y0, t, args, sensitivity, rtol, atol, dt0, *, adapt
         ys, status = eqx.branched_error_if((ys, status), status != 0, status, status_messages())
     direction = jnp.where(ts[-1] >= ts[0], 1, -1).astype(time_dtype)
     return Solution(ts=ts, ys=ys, stats=stats, status=status, dense_history=history, direction=direction)
+
+
+def _controller_for(solver) -> PIController:
+    beta1, beta2 = solver.pi_coefficients
+    return PIController(beta1=beta1, beta2=beta2)
 
 
 def _vmap_lanes(tree) -> int:

@@ -50,6 +50,10 @@ class AbstractSolver(eqx.Module):
     order: ClassVar[int]
     #: Exponent base of the controller: order of the error estimate + 1, or None.
     error_order: ClassVar[Optional[int]] = None
+    #: ``(beta1, beta2)`` of the PI step-size controller (`PIController`):
+    #: the exponents of the current and the previous error, times
+    #: ``error_order``. The default, (0.7, 0.4), is OrdinaryDiffEq.jl's.
+    pi_coefficients: ClassVar[tuple] = (0.7, 0.4)
     #: Whether the solver can choose its own steps (otherwise dt0 is required).
     adaptive: ClassVar[bool] = False
     #: Names of the term classes the solver accepts.

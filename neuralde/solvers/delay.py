@@ -180,6 +180,10 @@ class MethodOfSteps(AbstractSolver):
         return self.solver.error_order
 
     @property
+    def pi_coefficients(self):
+        return self.solver.pi_coefficients
+
+    @property
     def adaptive(self):
         return self.solver.adaptive
 
