@@ -61,6 +61,9 @@ class Problem:
         self.atol = atol
         #: (s_start, s_end): the loop-time interval of the solve.
         self.span = span
+        #: Whether the loop reads the steps' dense-output polynomials (solvers
+        #: may skip computing them when it does not).
+        self.dense_output = True
 
     def vf(self, s, y):
         d = self.direction
@@ -198,6 +201,10 @@ def _tree_where(pred, a, b):
 
 
 def _interpolate(s, t0, t1, y0, y1, coeffs):
+    if coeffs is None:
+        # No polynomial (saves at the ends of the span only): ``s`` is the
+        # step's end.
+        return y1
     # Before the first step t1 == t0 (an unselected save under `jax.vmap`,
     # where `cond` becomes `select`): divide by a safe span so that no 0/0
     # reaches the value or, through zero cotangents, the gradients.
@@ -320,7 +327,15 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
     )
 
     int32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731
-    coeff_zeros = jtu.tree_map(lambda y: jnp.zeros((solver.interp_degree,) + y.shape, y.dtype), y0)
+    # Saved at the ends of the span only (``t = (t0, t1)``: a neural ODE as a
+    # layer): the last save is the last step's own solution, as the last step
+    # lands on ``t1``, so no step needs its dense-output polynomial. Its
+    # coefficients are then left out of the carry, the checkpoints and the
+    # derivatives (and the solver's computation of them is dead code).
+    endpoints_only = n_save <= 2 and not config.dense and breakpoints is None
+    problem.dense_output = not endpoints_only
+    coeff_zeros = None if endpoints_only else jtu.tree_map(
+        lambda y: jnp.zeros((solver.interp_degree,) + y.shape, y.dtype), y0)
     core = _Core(
         t=s_start,
         y=y0,
@@ -364,6 +379,8 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
             t1 = jnp.where(t0 + core.dt * (1 + land_slack) >= nxt, jnp.minimum(nxt, t1), t1)
         h = t1 - t0
         y1, y_err, coeffs, new_state, info = solver.step(problem, t0, h, core.y, core.solver_state)
+        if endpoints_only:
+            coeffs = None
         if not isinstance(info, StepInfo):
             info = StepInfo(nfev=info)
         # ``ok`` False: the solver itself failed this attempt (say, a Newton

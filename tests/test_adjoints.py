@@ -155,22 +155,24 @@ def test_checkpoint_memory_plan():
 
 
 @pytest.mark.parametrize("checkpoints", [8, 32])
-def test_strided_checkpoints_take_the_memory_they_plan(checkpoints):
+@pytest.mark.parametrize("ts", [(0.0, 0.5, 1.0), (0.0, 1.0)], ids=["interior-save", "endpoints"])
+def test_strided_checkpoints_take_the_memory_they_plan(checkpoints, ts):
     # XLA's temporary memory of a strided CheckpointAdjoint gradient is the
     # plan's slots plus one segment of carries, not a multiple of it (a branch
     # with a buffer as operand copies the buffer in and out: twice the plan).
     y0 = jnp.ones((32, 16))
 
     def loss(a):
-        sol = nde.solve(nde.ODETerm(lambda t, y, a: y @ a), nde.Tsit5(), y0, jnp.array([0.0, 1.0]), args=a,
+        sol = nde.solve(nde.ODETerm(lambda t, y, a: y @ a), nde.Tsit5(), y0, jnp.array(ts), args=a,
                         max_steps=1000, sensitivity=nde.CheckpointAdjoint(checkpoints=checkpoints))
         return jnp.sum(sol.ys[-1] ** 2)
 
     temp = jax.jit(jax.grad(loss)).lower(-0.1 * jnp.eye(16)).compile().memory_analysis().temp_size_in_bytes
-    # One Tsit5 carry: y, its FSAL derivative, the last step's y0 and 4
-    # polynomial coefficients, and 56 bytes of scalars.
-    carry = 7 * y0.nbytes + 56
-    slots, stride = nde.CheckpointAdjoint(checkpoints=checkpoints).plan(1000 + 2, carry)
+    # One Tsit5 carry: y, its FSAL derivative, the last step's y0 and, where a
+    # point inside the span is saved, the last step's 4 polynomial
+    # coefficients; and 56 bytes of scalars.
+    carry = (7 if len(ts) > 2 else 3) * y0.nbytes + 56
+    slots, stride = nde.CheckpointAdjoint(checkpoints=checkpoints).plan(1000 + len(ts), carry)
     planned = (slots + stride) * carry
     assert planned <= temp <= 1.25 * planned, (temp, planned)
 

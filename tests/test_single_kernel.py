@@ -347,7 +347,9 @@ def test_small_implicit_solve_is_marked_and_agrees(monkeypatch):
     assert MARK in text and MARK not in plain_text
     (ys, steps), (ys0, steps0) = marked(k), plain(k)
     assert int(steps) == int(steps0)
-    np.testing.assert_allclose(np.asarray(ys), np.asarray(ys0), rtol=1e-12, atol=1e-18)
+    # The two compilations contract different operations into FMAs; over 40 s
+    # of Newton iterations the small component y2 differs by a few 1e-12.
+    np.testing.assert_allclose(np.asarray(ys), np.asarray(ys0), rtol=1e-11, atol=1e-18)
     # and against scipy's Radau at tight tolerances
     from scipy.integrate import solve_ivp
 

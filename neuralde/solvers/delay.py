@@ -78,6 +78,8 @@ class _DelayProblem:
         self.direction = problem.direction
         self.history_buffer = history
         self.current = current
+        # The history is made of the steps' polynomials, whatever is saved.
+        self.dense_output = True
 
     def __getattr__(self, name):  # rtol, atol and whatever later loops add
         return getattr(self.problem, name)

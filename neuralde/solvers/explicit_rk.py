@@ -87,7 +87,7 @@ class ExplicitRK(AbstractSolver):
         # For FSAL methods the last stage is evaluated at the solution itself.
         y1 = y_stage if tab.fsal else _combine(y0, dt, tab.b, ks)
         y_error = None if tab.b_err is None else _weighted_sum(dt, tab.b_err, ks)
-        coeffs = self._dense_coeffs(dt, ks)
+        coeffs = self._dense_coeffs(dt, ks) if getattr(problem, "dense_output", True) else None
         new_state = ks[-1] if tab.fsal else None
         return y1, y_error, coeffs, new_state, num_fevals
 
