@@ -79,11 +79,12 @@ def test_detest(solver_name, name):
     np.testing.assert_array_equal(np.asarray(sol.ys[0]), problem.y0)
     err = mixed_error(sol.ys, problem.reference(ts))
     print(f"{solver_name} {name}: err={err:.2e} steps={int(sol.stats['num_steps'])}")
-    # Global error over the whole span, against a local-error tolerance. The
-    # long orbit D1 accumulates the most: Tsit5 1.01e-6 (218 steps), Dopri5
-    # 1.02e-6; at the same tolerance diffrax's Tsit5 gives 1.38e-6 (203
-    # steps) and scipy's RK45 1.35e-6 (measured 2026-12-06).
-    assert err <= 150 * tol
+    # Global error over the whole span, against a local-error tolerance: at
+    # most 38 tol on every problem but the long orbit D1, which accumulates
+    # the most: Tsit5 1.01e-6 (218 steps), Dopri5 1.02e-6; at the same
+    # tolerance diffrax's Tsit5 gives 1.38e-6 (203 steps) and scipy's RK45
+    # 1.35e-6 (measured 2026-12-06).
+    assert err <= (150 if name == "D1" else 50) * tol
 
 
 # ---------------------------------------------------------- Lotka-Volterra

@@ -419,7 +419,7 @@ class ESDIRK(AbstractSolver):
         stats = (refresh.astype(jnp.int32), iters.astype(jnp.int32))
         info = StepInfo(nfev=(1 + iters).astype(jnp.int32), ok=ok, stats=stats, fail_factor=fail_factor,
                         reject_state=reject_state)
-        coeffs = jax.vmap(unravel)(coeffs_f)
+        coeffs = jax.vmap(unravel)(coeffs_f) if problem.dense_output else None
         return unravel(y1f), unravel(y_err), coeffs, new_state, info
 
 
