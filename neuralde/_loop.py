@@ -481,7 +481,7 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
         t0, y_prev, coeffs = core.last
         return _interpolate(s, t0, core.t, y_prev, core.y, coeffs)
 
-    # --- the step-or-save iteration (bounded loop, checkpointed adjoint) ---
+    # --- the step-or-save iteration (bounded loop, `ReverseMode`) ---
     # One iteration either saves one pending point of ``t`` from the last
     # step's polynomial or attempts one step; writes to the output buffers are
     # returned rather than done, so that callers keep the buffers out of any
@@ -557,11 +557,6 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
         core, save_at, save_val, step = step_branch(_unpack(packed))
         return _pack(core), save_at, save_val, step
 
-    def kind(packed):
-        # Which branch `iteration` takes: 0 none (finished), 1 save, 2 step.
-        core = _unpack(packed)
-        return jnp.where(cond_fun(packed), jnp.where(pending(core), 1, 2), 0).astype(jnp.int32)
-
     def step_cond(packed):
         # The loop condition of a loop of steps alone, whose saves are made
         # after each step (`save_passed`).
@@ -569,7 +564,7 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
 
     def drop_last(packed):
         # The carry without the last step's polynomial (``last``'s state and
-        # coefficients), which only the save iterations read: the loop of steps
+        # coefficients), which only the save iterations read: a loop of steps
         # alone keeps it out of its checkpoints and derivatives.
         return packed[:4]
 
@@ -600,7 +595,8 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
     def save_passed(packed, step: _Step, ys):
         # After a step, save every point of ``t`` it passed, as the save
         # iterations would (and as `run_while` does: none once the solve has
-        # failed), in a small inner loop.
+        # failed), in a small inner loop. With ``ys=None`` nothing is written:
+        # the carry alone, its save index past the points passed.
         core = _unpack(packed)
         ok = step.accept & (core.status == Status.SUCCESS)
 
@@ -609,7 +605,7 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
 
         def body(c):
             i, ys = c
-            return i + 1, _write(ys, i, interpolate_step(s_save[i], step))
+            return i + 1, (None if ys is None else _write(ys, i, interpolate_step(s_save[i], step)))
 
         i, ys = lax.while_loop(cond, body, (core.save_idx, ys))
         return _pack(core._replace(save_idx=i)), ys
@@ -717,11 +713,11 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
     return Program(
         packed=_pack(core), ys=ys, dense=dense, n_save=n_save, max_iters=max_steps + n_save, throw=config.throw,
         lanes=config.lanes,
-        cond=cond_fun, iteration=iteration, kind=kind, branches=(save_iteration, step_iteration),
+        attempt=step_iteration,
         step_cond=step_cond, save_passed=save_passed, save_index=save_index, interpolate_step=interpolate_step,
         save_times=s_save, write_dense=write_dense, drop_last=drop_last, add_last=add_last,
         split_times=split_times, join_times=join_times, moving_steps=breakpoints is not None, step_size=step_size,
-        apply_writes=apply_writes, report=lambda p: report(_unpack(p)),
+        report=lambda p: report(_unpack(p)),
         step_index=lambda p: _unpack(p).num_steps,
         start=start, finalize=finalize, run_while=run_while, run_bounded=run_bounded,
     )
@@ -730,24 +726,20 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
 class Program(NamedTuple):
     """One solve as data and pure functions (see `build_program`):
     ``packed``/``ys``/``dense`` are the initial carry and output buffers;
-    ``iteration(packed) -> (packed, save_at, save_val, step)`` is one
-    step-or-save iteration, ``cond(packed)`` says whether to go on,
-    ``kind(packed)`` says which branch an iteration takes (0: none, the loop
-    has finished; 1: save; 2: step) and ``branches`` are the two branches
-    alone, with ``iteration``'s signature. A loop of steps alone runs while
-    ``step_cond`` holds, and after each step (``branches[1]``)
+    ``attempt(packed) -> (packed, save_at, save_val, step)`` is one step
+    attempt (``save_at = n_save``: it saves nothing itself). A loop of steps
+    alone runs while ``step_cond`` holds, and after each step
     ``save_passed(packed, step, ys)`` saves the points of ``t`` the step
     passed (``interpolate_step(s, step)`` on its polynomial, at the loop times
     ``save_times``; ``save_index`` counts the points saved);
     ``drop_last``/``add_last`` take the last step's polynomial (which only the
-    save iterations read) out of a carry and put zeros back;
+    save iterations of `run_bounded` read) out of a carry and put zeros back;
     ``write_dense(dense, step_index, step)`` records an accepted step;
     ``split_times``/``join_times`` separate a carry's times and counters from
     its states (``moving_steps``: the step ends depend on more than the save
     times, as a delay equation's breakpoints on its lags); ``step_size(packed)``
-    is the step a carry proposes next;
-    ``apply_writes`` stores an iteration's outputs, ``finalize`` packages the
-    result; ``run_while``/``run_bounded`` are the two ready-made loops
+    is the step a carry proposes next; ``finalize`` packages the result;
+    ``run_while``/``run_bounded`` are the two ready-made loops
     (``run_while(return_carry=True)`` returns the final carry too)."""
 
     packed: Any
@@ -757,10 +749,7 @@ class Program(NamedTuple):
     max_iters: int
     throw: bool
     lanes: int
-    cond: Any
-    iteration: Any
-    kind: Any
-    branches: Any
+    attempt: Any
     step_cond: Any
     save_passed: Any
     save_index: Any
@@ -773,7 +762,6 @@ class Program(NamedTuple):
     join_times: Any
     moving_steps: bool
     step_size: Any
-    apply_writes: Any
     report: Any
     step_index: Any
     start: Any

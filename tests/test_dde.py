@@ -287,7 +287,10 @@ def grad_loss(sensitivity):
 
 P_G = jnp.array([1.3, 0.7])
 Y0_G = jnp.array(0.8)
-SENS = {"reverse": nde.ReverseMode(), "forward": nde.ForwardMode(), "checkpoint": nde.CheckpointAdjoint()}
+# "checkpoint-4": strided checkpoints, recomputed segments whose steps end at
+# breakpoints that move with the lag.
+SENS = {"reverse": nde.ReverseMode(), "forward": nde.ForwardMode(), "checkpoint": nde.CheckpointAdjoint(),
+        "checkpoint-4": nde.CheckpointAdjoint(checkpoints=4)}
 # Steps of 0.03 (shorter than the lag) and 1.0 (longer: fixed-point iteration).
 DTS = (0.03, 1.0)
 

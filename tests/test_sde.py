@@ -219,7 +219,10 @@ GRAD_Y0 = jnp.array([1.0, 0.5])
 GRAD_KEY = jax.random.key(11)
 # CheckpointAdjoint (the default) is checked against finite differences with
 # SRIW1 through NeuralSDE below.
-SENSITIVITIES = {"reverse": nde.ReverseMode(), "forward": nde.ForwardMode()}
+# "checkpoint-3": strided checkpoints (3 slots for 20 steps), the Brownian
+# increments of each recomputed segment drawn again.
+SENSITIVITIES = {"reverse": nde.ReverseMode(), "forward": nde.ForwardMode(),
+                 "checkpoint-3": nde.CheckpointAdjoint(checkpoints=3)}
 
 
 def _grad_loss(sensitivity):

@@ -260,8 +260,13 @@ def rober_fd():
     return np.array([(loss(log_k + eps * e) - loss(log_k - eps * e)) / (2 * eps) for e in np.eye(3)])
 
 
-@pytest.mark.parametrize("sensitivity", [nde.ReverseMode(), nde.CheckpointAdjoint(), nde.ForwardMode(),
-                                         nde.BacksolveAdjoint()], ids=lambda s: type(s).__name__)
+# CheckpointAdjoint(checkpoints=4): strided checkpoints, the Newton solves of
+# each segment recomputed through the backward steps' primals.
+@pytest.mark.parametrize("sensitivity", [nde.ReverseMode(), nde.CheckpointAdjoint(),
+                                         nde.CheckpointAdjoint(checkpoints=4), nde.ForwardMode(),
+                                         nde.BacksolveAdjoint()],
+                         ids=["ReverseMode", "CheckpointAdjoint", "CheckpointAdjoint-strided", "ForwardMode",
+                              "BacksolveAdjoint"])
 def test_rober_rate_gradients(sensitivity, rober_fd):
     def loss(lk):
         sol = nde.solve(term(rober_log), nde.Kvaerno5(), jnp.array([1.0, 0.0, 0.0]), jnp.asarray(GRAD_TS), args=lk,

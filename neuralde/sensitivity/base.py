@@ -3,7 +3,7 @@
 A sensitivity method owns the loop primitive and the gradient rule. `solve`
 hands it ``build(inputs)``, a pure function of
 ``inputs = (term, y0, args, ts, rtol, atol, dt0)`` returning the solve as a
-`neuralde._loop.Program` (initial carry, one step-or-save iteration, the
+`neuralde._loop.Program` (initial carry, one step attempt, the
 ready-made loops, finalisation to ``(floats, ints)``); the method decides which
 loop runs and how derivatives pass through it.
 """

@@ -15,9 +15,9 @@ from .._single_kernel import single_kernel
 from .base import (AbstractSensitivity, closure_convert_term, instantiate_zero, is_symbolic_zero, unwrap_primals,
                    zero_tangents)
 
-# With checkpoints=None, checkpoint every iteration while the buffer (every
+# With checkpoints=None, checkpoint every step while the buffer (every
 # `jax.vmap` lane's) takes at most _EVERY_STEP_BYTES; beyond it, as many slots
-# as fit in _SLOT_BYTES, and at least O(sqrt(iterations)).
+# as fit in _SLOT_BYTES, and at least O(sqrt(steps)).
 _EVERY_STEP_BYTES = 16 * 2**20
 _SLOT_BYTES = 4 * 2**20
 
@@ -26,52 +26,46 @@ class CheckpointAdjoint(AbstractSensitivity):
     """Discrete adjoint of the steps actually taken, recomputed from
     checkpoints (`jax.custom_vjp`).
 
-    Small problems (a checkpoint of every iteration fits in 16 MiB, counting
-    every lane of a `jax.vmap` that `solve` is called under): the forward pass
-    is a `lax.while_loop` of step attempts alone that stores the loop carry
-    before each attempt; after an accepted step a small inner loop saves the
-    points of ``t`` the step passed, from its polynomial. The backward pass
-    applies `jax.vjp` of one step attempt, recomputed from its checkpoint,
-    from the last attempt to the first, the cotangents of the points it saved
-    added to those of its polynomial. A point of ``t`` costs no iteration of
-    the main loop either way. When ``t`` is not differentiated (and no delay
-    breakpoint moves the steps), every time in the loop is a constant, and
-    the backward steps differentiate the states and the differentiated inputs
-    only.
+    The forward pass is a `lax.while_loop` of step attempts that stores the
+    loop carry (state, FSAL derivative, step size, counters) before each
+    attempt, or before every ``S``-th (below); after an accepted step a small
+    inner loop saves the points of ``t`` the step passed, from its
+    polynomial. The backward pass applies `jax.vjp` of one step attempt,
+    recomputed from its carry, from the last attempt to the first, the
+    cotangents of the points it saved added to those of its polynomial. A
+    point of ``t`` costs no iteration of either loop. When ``t`` is not
+    differentiated (and no delay breakpoint moves the steps), every time in
+    the loop is a constant, and the backward steps differentiate the states
+    and the differentiated inputs only.
 
-    Otherwise the forward pass is a `lax.while_loop` of step-or-save
-    iterations that stores the loop carry (state, FSAL derivative, last step's
-    interpolant, counters) every ``K`` iterations. The backward pass walks the
-    segments between checkpoints in reverse: it recomputes a segment's carries
-    from its checkpoint, then applies `jax.vjp` of one iteration (the step, or
-    the interpolation to a save time) from the last to the first, feeding in
-    the cotangents of the saved values.
-
-    Either way it differentiates exactly the
-    operations `ReverseMode` differentiates, so the two gradients agree to
-    round-off, with respect to ``y0``, ``args``, the save times and every
-    floating array of the term (closed-over arrays included, by closure
-    conversion).
+    It differentiates exactly the operations `ReverseMode` differentiates, so
+    the two gradients agree to round-off, with respect to ``y0``, ``args``,
+    the save times and every floating array of the term (closed-over arrays
+    included, by closure conversion).
 
     Memory and work: the forward loop keeps ``C`` checkpoint slots of one
-    carry each (about ``(degree + 3) * y.size`` numbers for the explicit
-    solvers). It checkpoints every iteration until the slots are full, then
-    drops every other checkpoint and goes on with every 2nd iteration, then
-    every 4th, ... (the stride ``S`` doubles). The backward pass recomputes
-    each segment of ``S`` iterations from its checkpoint (``S`` more carries)
-    and walks it in reverse. A solve that fits in ``C`` iterations is never
-    recomputed, and a longer one is recomputed once, whatever its number of
-    steps.
+    carry each (the state, the solver's own state -- for the explicit pairs
+    the FSAL derivative, so ``2 * y.size`` numbers -- and a few scalars).
+    It checkpoints every step until the
+    slots are full, then drops every other checkpoint and goes on with every
+    2nd step, then every 4th, ... (the stride ``S`` doubles). The backward
+    pass walks the segments of ``S`` steps between checkpoints from the last
+    to the first: it recomputes a segment's carries from its checkpoint into
+    a buffer (``S`` more carries), then walks them in reverse. Recomputation
+    and walk run the backward step's own primal (the transposition skipped
+    while recomputing), so the compiled program holds one copy of the step
+    for both. A solve that fits in ``C`` steps is never recomputed, and a
+    longer one is recomputed once, whatever its number of steps.
 
-    With ``checkpoints=None``, ``C = N = max_steps + len(t)`` (the bound on
-    iterations: every iteration, no stride) while the buffer takes at most 16
-    MiB, counting every lane of a `jax.vmap` that `solve` is called under;
-    otherwise as many slots as fit in 4 MiB, and at least about ``sqrt(N)`` (so
-    that slots and segment together hold about ``2 sqrt(N)`` carries: a batch
-    of 16k x 64 floats never costs ``max_steps`` copies of itself). The
-    buffer is allocated whole at every call, and 256 lanes of ``N`` carries of
-    a small state (100 MB) would cost more to allocate than a short solve
-    costs to run. Pass ``checkpoints=C`` to choose.
+    With ``checkpoints=None``, ``C = max_steps`` (every step, no stride) while
+    the buffer takes at most 16 MiB, counting every lane of a `jax.vmap` that
+    `solve` is called under; otherwise as many slots as fit in 4 MiB, and at
+    least about ``sqrt(max_steps)`` (so that slots and segment together hold
+    about ``2 sqrt(max_steps)`` carries: a batch of 16k x 64 floats never
+    costs ``max_steps`` copies of itself). The buffer is allocated whole at
+    every call, and 256 lanes of ``max_steps`` carries of a small state (100
+    MB) would cost more to allocate than a short solve costs to run. Pass
+    ``checkpoints=C`` to choose.
 
     When the solve is not differentiated, it runs the fast save-driven while
     loop and stores nothing.
@@ -89,7 +83,7 @@ class CheckpointAdjoint(AbstractSensitivity):
 
     def plan(self, max_iters: int, carry_bytes: int):
         """``(slots, max_stride)`` for a solve of at most ``max_iters``
-        iterations whose carry (all `jax.vmap` lanes together) takes
+        steps whose carry (all `jax.vmap` lanes together) takes
         ``carry_bytes``: the number of checkpoint slots, and the largest stride
         the forward loop can reach (``slots * max_stride >= max_iters``), which
         sizes the backward pass's segment buffer."""
@@ -110,13 +104,6 @@ class CheckpointAdjoint(AbstractSensitivity):
             max_stride *= 2
         return slots, max_stride
 
-    def _steps_only(self, prog) -> bool:
-        """Whether the forward pass is a loop of steps alone, each
-        checkpointed (`_fwd_steps`): when the plan checkpoints every
-        iteration."""
-        slots, _ = self.plan(prog.max_iters, _carry_bytes(prog.packed) * prog.lanes)
-        return slots >= prog.max_iters
-
     def run(self, build, inputs):
         term, y0, args, ts, *rest = inputs
         term = closure_convert_term(term, ts[0], y0, args)
@@ -124,6 +111,11 @@ class CheckpointAdjoint(AbstractSensitivity):
 
         def program(d, **overrides):
             return build(eqx.combine(d, static), **overrides)
+
+        def plan(prog):
+            # Steps alone are checkpointed (saves are no iterations), with the
+            # carry that `_steps_view` keeps.
+            return self.plan(prog.max_iters - prog.n_save, _carry_bytes(prog.drop_last(prog.packed)) * prog.lanes)
 
         @jax.custom_vjp
         def solve(d):
@@ -141,128 +133,26 @@ class CheckpointAdjoint(AbstractSensitivity):
             seen["mask"] = mask
             ts_perturbed = mask[3]  # d is (term, y0, args, ts, rtol, atol, dt0)
             seen["const_times"] = not ts_perturbed and not prog.moving_steps
-            if self._steps_only(prog):
-                return _fwd_steps(program, d)
-            slots, _ = self.plan(prog.max_iters, _carry_bytes(prog.packed) * prog.lanes)
-            ckpts = jtu.tree_map(lambda x: jnp.zeros((slots,) + x.shape, x.dtype), prog.packed)
-
-            half = (slots + 1) // 2
-
-            def body(c):
-                # One iteration. ``it`` counts the loop's iterations; it and
-                # ``stride`` stay unbatched under `jax.vmap` (the loop runs
-                # while any lane is active, see `_masked_iteration`), so the
-                # writes are in place.
-                packed, ys, dense, it, stride, ckpts = c
-                due = it % stride == 0
-                slot = jnp.minimum(it // stride, slots - 1)
-                ckpts = jtu.tree_map(
-                    lambda b, x: lax.dynamic_update_index_in_dim(
-                        b, jnp.where(due, x, lax.dynamic_index_in_dim(b, slot, 0, keepdims=False)), slot, 0),
-                    ckpts, packed)
-                step_index = prog.step_index(packed)
-                packed, save_at, save_val, step = _masked_iteration(prog, packed)
-                ys, dense = prog.apply_writes(ys, dense, step_index, save_at, save_val, step)
-                prog.report(packed)
-                return packed, ys, dense, it + 1, stride, ckpts
-
-            def running(c):
-                return eqxi.unvmap_any(prog.cond(c[0]))
-
-            def full(c):
-                it, stride = c[3], c[4]
-                return (it % stride == 0) & (it // stride >= slots)
-
-            def epoch(c):
-                # Iterations at one stride until the slots are full (or the
-                # solve ends); a full buffer first keeps every other
-                # checkpoint, moved down in place, and doubles the stride. A
-                # loop of its own, not a branch in every iteration: a `cond`
-                # with the buffer as operand would copy it in and out.
-                packed, ys, dense, it, stride, ckpts = c
-                compact = full(c)
-                move = lambda m, ck: jtu.tree_map(  # noqa: E731
-                    lambda b: lax.dynamic_update_index_in_dim(b, b[2 * m], m, 0), ck)
-                ckpts = lax.fori_loop(0, jnp.where(compact, half, 0), move, ckpts)
-                stride = jnp.where(compact, 2 * stride, stride)
-                return lax.while_loop(lambda c: running(c) & ~full(c), body,
-                                      (packed, ys, dense, it, stride, ckpts))
-
-            prog.start()
-            one = jnp.asarray(1, jnp.int32)
-            packed, ys, dense, n_iter, stride, ckpts = lax.while_loop(
-                running, epoch, (prog.packed, prog.ys, prog.dense, jnp.asarray(0, jnp.int32), one, ckpts))
-            out = prog.finalize(packed, ys, dense)
-            return out, (d, ckpts, n_iter, stride)
+            return _fwd_steps(program, d, plan(prog)[0])
 
         def bwd(res, ct_out):
             ct_out = jtu.tree_map(instantiate_zero, ct_out, is_leaf=is_symbolic_zero)
-            if self._steps_only(program(res[0])):
-                return _bwd_steps(program, res, ct_out, seen["mask"] if seen["const_times"] else None)
-            d, ckpts, n_iter, stride = res
-            (ct_ys, ct_hist), _ = ct_out
-            prog = program(d)
-            n_save = prog.n_save
-            _, max_stride = self.plan(prog.max_iters, _carry_bytes(prog.packed) * prog.lanes)
-            dense = prog.dense is not None
-            max_steps = prog.max_iters - n_save
-
-            # The initial carry: a lane that has finished replays its iteration
-            # from here instead of from its final state (see `_back_step`).
-            first = jtu.tree_map(lambda b: b[0], ckpts)
-            back_step = _back_step(program, prog, n_save, max_steps, dense)
-
-            def one_back(packed, ct_packed, ct_d):
-                ct_p, ct_dd, _ = back_step(packed, ct_packed, d, ct_ys, ct_hist, first)
-                return ct_p, jtu.tree_map(_add, ct_d, ct_dd)
-
-            def segment(c):
-                # Segment ``k`` (from the last to the first): its carries are
-                # recomputed from checkpoint ``k`` into one buffer, which the
-                # inner loop then walks in reverse. Nested loops, no branch
-                # with the buffer as operand (a `cond` would copy it in and out).
-                k, ct_packed, ct_d, carries = c
-                count = jnp.minimum(stride, n_iter - k * stride)
-                start = jtu.tree_map(lambda b: b[k], ckpts)
-                carries = jtu.tree_map(lambda b, x: lax.dynamic_update_index_in_dim(b, x, 0, 0), carries, start)
-
-                def fill(m, bufs):
-                    nxt = _masked_iteration(prog, jtu.tree_map(lambda b: b[m], bufs))[0]
-                    return jtu.tree_map(lambda b, x: lax.dynamic_update_index_in_dim(b, x, m + 1, 0), bufs, nxt)
-
-                carries = lax.fori_loop(0, count - 1, fill, carries)
-
-                def walk(w):
-                    j, ct_packed, ct_d = w
-                    return (j - 1, *one_back(jtu.tree_map(lambda b: b[j], carries), ct_packed, ct_d))
-
-                _, ct_packed, ct_d = lax.while_loop(lambda w: w[0] >= 0, walk, (count - 1, ct_packed, ct_d))
-                return k - 1, ct_packed, ct_d, carries
-
-            ct_packed0 = zero_tangents(prog.packed)
-            ct_d0 = zero_tangents(d)
-            # The carries of the segment being walked: one buffer for the pass.
-            carries0 = jtu.tree_map(lambda x: jnp.zeros((max_stride,) + x.shape, x.dtype), first)
-            n_segments = (n_iter + stride - 1) // stride
-            _, ct_packed, ct_d, _ = lax.while_loop(
-                lambda c: c[0] >= 0, segment, (n_segments - 1, ct_packed0, ct_d0, carries0))
-
-            return (jtu.tree_map(_add, ct_d, _initial_cotangents(program, d, ct_packed, ct_ys, ct_hist)),)
+            max_stride = plan(program(res[0]))[1]
+            return _bwd_steps(program, res, ct_out, max_stride, seen["mask"] if seen["const_times"] else None)
 
         solve.defvjp(fwd, bwd, symbolic_zeros=True)
         return solve(dyn)
 
 
-
 def _steps_view(prog):
-    """``prog`` as the loop of steps alone sees it: its carry without the last
-    step's polynomial (which only the save iterations read; this loop saves
-    from each step's own outputs), so that neither the checkpoints nor the
-    backward steps hold it."""
+    """``prog`` as the loop of steps sees it: its carry without the last step's
+    polynomial (which only the save iterations of `run_bounded` read; this
+    loop saves from each step's own outputs), so that neither the checkpoints
+    nor the backward steps hold it."""
     add, drop = prog.add_last, prog.drop_last
 
     def step(reduced):
-        new, save_at, save_val, step_out = prog.branches[1](add(reduced))
+        new, save_at, save_val, step_out = prog.attempt(add(reduced))
         return drop(new), save_at, save_val, step_out
 
     def save_passed(reduced, step_out, ys):
@@ -270,78 +160,166 @@ def _steps_view(prog):
         return drop(new), ys
 
     return prog._replace(
-        packed=drop(prog.packed), branches=(None, step), save_passed=save_passed,
+        packed=drop(prog.packed), attempt=step, save_passed=save_passed,
         step_cond=lambda r: prog.step_cond(add(r)), step_index=lambda r: prog.step_index(add(r)),
         save_index=lambda r: prog.save_index(add(r)), report=lambda r: prog.report(add(r)),
         finalize=lambda r, ys, dense: prog.finalize(add(r), ys, dense),
     )
 
 
-def _fwd_steps(program, d):
-    """The forward pass of steps alone: a `lax.while_loop` of step attempts
-    that checkpoints the carry before each; after an accepted step, a small
-    inner loop saves the points of ``t`` it passed. A save point costs no
-    iteration of the loop, forward or backward (on small states an
-    iteration's fixed cost, not its arithmetic, is what a solve spends)."""
+def _fwd_steps(program, d, slots):
+    """The forward pass: a `lax.while_loop` of step attempts that checkpoints
+    the carry before each (or, past ``slots`` attempts, every ``stride``-th:
+    see `CheckpointAdjoint`); after an accepted step, a small inner loop saves
+    the points of ``t`` it passed. A save point costs no iteration of the
+    loop, forward or backward (on small states an iteration's fixed cost, not
+    its arithmetic, is what a solve spends)."""
     prog = _steps_view(program(d))
     max_steps = prog.max_iters - prog.n_save
+    strided = slots < max_steps
 
-    def body(c):
-        # ``it`` stays unbatched under `jax.vmap` (see `_masked_iteration`).
-        packed, ys, dense, it, ckpts = c
-        ckpts = jtu.tree_map(
-            lambda b, x: lax.dynamic_update_index_in_dim(b, x, jnp.minimum(it, max_steps - 1), 0), ckpts, packed)
+    def attempt(packed, ys, dense):
         step_index = prog.step_index(packed)
-        packed, _, _, step = _masked_iteration(prog, packed, steps_only=True)
+        packed, _, _, step = _masked_iteration(prog, packed)
         packed, ys = prog.save_passed(packed, step, ys)
         dense = prog.write_dense(dense, step_index, step)
         prog.report(packed)
-        return packed, ys, dense, it + 1, ckpts
+        return packed, ys, dense
+
+    def running(c):
+        return eqxi.unvmap_any(prog.step_cond(c[0]))
+
+    def body(c):
+        # ``it`` and ``stride`` stay unbatched under `jax.vmap` (see
+        # `_masked_iteration`), so the writes are in place.
+        packed, ys, dense, it, stride, ckpts = c
+        if strided:
+            due = it % stride == 0
+            slot = jnp.minimum(it // stride, slots - 1)
+            ckpts = jtu.tree_map(
+                lambda b, x: lax.dynamic_update_index_in_dim(
+                    b, jnp.where(due, x, lax.dynamic_index_in_dim(b, slot, 0, keepdims=False)), slot, 0),
+                ckpts, packed)
+        else:
+            ckpts = jtu.tree_map(
+                lambda b, x: lax.dynamic_update_index_in_dim(b, x, jnp.minimum(it, slots - 1), 0), ckpts, packed)
+        return (*attempt(packed, ys, dense), it + 1, stride, ckpts)
+
+    def full(c):
+        it, stride = c[3], c[4]
+        return (it % stride == 0) & (it // stride >= slots)
+
+    half = (slots + 1) // 2
+
+    def epoch(c):
+        # Attempts at one stride until the slots are full (or the solve ends);
+        # a full buffer first keeps every other checkpoint, moved down in
+        # place, and doubles the stride. A loop of its own, not a branch in
+        # every attempt: a `cond` with the buffer as operand would copy it in
+        # and out.
+        packed, ys, dense, it, stride, ckpts = c
+        compact = full(c)
+        move = lambda m, ck: jtu.tree_map(  # noqa: E731
+            lambda b: lax.dynamic_update_index_in_dim(b, b[2 * m], m, 0), ck)
+        ckpts = lax.fori_loop(0, jnp.where(compact, half, 0), move, ckpts)
+        stride = jnp.where(compact, 2 * stride, stride)
+        return lax.while_loop(lambda c: running(c) & ~full(c), body, (packed, ys, dense, it, stride, ckpts))
 
     def loop(packed, ys, dense):
         # The checkpoint buffer is made inside: as an input it would be a
         # large constant, which `single_kernel` does not take.
-        ckpts = jtu.tree_map(lambda x: jnp.zeros((max_steps,) + x.shape, x.dtype), packed)
-        return lax.while_loop(lambda c: eqxi.unvmap_any(prog.step_cond(c[0])), body,
-                              (packed, ys, dense, jnp.asarray(0, jnp.int32), ckpts))
+        ckpts = jtu.tree_map(lambda x: jnp.zeros((slots,) + x.shape, x.dtype), packed)
+        init = (packed, ys, dense, jnp.asarray(0, jnp.int32), jnp.asarray(1, jnp.int32), ckpts)
+        return lax.while_loop(running, epoch if strided else body, init)
 
     prog.start()
-    # One CPU kernel where `single_kernel` can, as the backward loop below.
-    packed, ys, dense, n_iter, ckpts = single_kernel(loop, prog.packed, prog.ys, prog.dense)
-    return prog.finalize(packed, ys, dense), (d, ckpts, n_iter, prog.save_index(packed))
+    # One CPU kernel where `single_kernel` can, as the backward loop below;
+    # not when strided: the backward pass recomputes carries, and it and this
+    # loop, compiled in one program, round alike (see `_bwd_steps`).
+    run = (lambda f, *a: f(*a)) if strided else single_kernel
+    packed, ys, dense, n_iter, stride, ckpts = run(loop, prog.packed, prog.ys, prog.dense)
+    return prog.finalize(packed, ys, dense), (d, ckpts, n_iter, stride, prog.save_index(packed))
 
 
-def _bwd_steps(program, res, ct_out, const_mask=None):
+def _bwd_steps(program, res, ct_out, max_stride, const_mask=None):
     """The backward pass of `_fwd_steps`: the step attempts in reverse, each
     recomputed from its checkpoint, with the cotangents of the points it saved
     added to those of its polynomial. ``const_mask`` (when the loop's times
     are constants): which leaves of ``d`` are differentiated; the steps' vjps
-    then take only those and the states."""
-    d, ckpts, n_iter, last_saved = res
+    then take only those and the states.
+
+    Strided (``max_stride > 1``): the segments between checkpoints, from the
+    last to the first. One loop per segment first recomputes the segment's
+    carries from its checkpoint into a buffer, then walks them in reverse;
+    both phases run the same iteration, the primal of the backward step
+    (`_back_step` with ``refill``), so the program holds one copy of the step
+    for both, its transposition skipped while refilling."""
+    d, ckpts, n_iter, stride, last_saved = res
     (ct_ys, ct_hist), _ = ct_out
     steps_program = lambda dd: _steps_view(program(dd))  # noqa: E731
     prog = steps_program(d)
     max_steps = prog.max_iters - prog.n_save
     s_save = prog.save_times
     first = jtu.tree_map(lambda b: b[0], ckpts)
-    back_step = _back_step(steps_program, prog, prog.n_save, max_steps, prog.dense is not None, steps_only=True,
-                           const_mask=const_mask)
+    back_step = _back_step(steps_program, prog, max_steps, prog.dense is not None, const_mask)
 
-    def loop(ckpts, ct0):
+    def walk(ckpts, ct0):
         def back(c):
             # Attempt ``i`` saved the points ``[save_index(ckpts[i]), nxt)``.
             i, nxt, ct_packed, ct_d, ct_s = c
             p = jtu.tree_map(lambda b: b[i], ckpts)
             i0 = prog.save_index(p)
-            ct_p, ct_dd, ct_s = back_step(p, ct_packed, d, ct_ys, ct_hist, first, (i0, nxt, ct_s))
-            return i - 1, i0, ct_p, jtu.tree_map(_add, ct_d, ct_dd), ct_s
+            _, ct_p, ct_d, ct_s = back_step(p, ct_packed, ct_d, d, ct_ys, ct_hist, first, (i0, nxt, ct_s))
+            return i - 1, i0, ct_p, ct_d, ct_s
 
         return lax.while_loop(lambda c: c[0] >= 0, back, ct0)
 
+    def segments(ckpts, ct0):
+        # The carries of the segment being walked, and one spare row that the
+        # walk's (discarded) primal carries are written to.
+        carries0 = jtu.tree_map(lambda x: jnp.zeros((max_stride + 1,) + x.shape, x.dtype), first)
+
+        def segment(c):
+            k, nxt, ct_packed, ct_d, ct_s, carries = c
+            count = jnp.minimum(stride, n_iter - k * stride)
+            carries = jtu.tree_map(lambda b, x: lax.dynamic_update_index_in_dim(b, x[k], 0, 0), carries, ckpts)
+
+            def inner(w):
+                # Iterations ``0 .. count - 2`` refill carries ``1 .. count - 1``;
+                # then ``count - 1 .. 2 count - 2`` walk carries ``count - 1 .. 0``.
+                n, nxt, ct_packed, ct_d, ct_s, carries = w
+                refill = n < count - 1
+                j = jnp.where(refill, n, 2 * count - 2 - n)
+                p = jtu.tree_map(lambda b: b[j], carries)
+                i0 = prog.save_index(p)
+                new, ct_packed, ct_d, ct_s = back_step(p, ct_packed, ct_d, d, ct_ys, ct_hist, first,
+                                                       (i0, nxt, ct_s), refill)
+                dest = jnp.where(refill, j + 1, max_stride)
+                carries = jtu.tree_map(lambda b, x: lax.dynamic_update_index_in_dim(b, x, dest, 0), carries, new)
+                return n + 1, jnp.where(refill, nxt, i0), ct_packed, ct_d, ct_s, carries
+
+            _, nxt, ct_packed, ct_d, ct_s, carries = lax.while_loop(
+                lambda w: w[0] < 2 * count - 1, inner, (jnp.asarray(0, jnp.int32), nxt, ct_packed, ct_d, ct_s, carries))
+            return k - 1, nxt, ct_packed, ct_d, ct_s, carries
+
+        n_segments = (n_iter + stride - 1) // stride
+        i, nxt, ct_packed, ct_d, ct_s = ct0
+        out = lax.while_loop(lambda c: c[0] >= 0, segment, (n_segments - 1, nxt, ct_packed, ct_d, ct_s, carries0))
+        return out[:5]
+
     ct0 = (n_iter - 1, last_saved, zero_tangents(prog.packed), zero_tangents(d), jnp.zeros_like(s_save))
-    # One CPU kernel where `single_kernel` can; the checkpoints, which the
-    # forward loop computed, are passed beside its packed inputs.
-    _, _, ct_packed, ct_d, ct_s = single_kernel(loop, ct0, produced=ckpts)
+    if max_stride > 1:
+        # Not a single kernel: carries recomputed in a kernel compiled apart
+        # from the forward loop's round differently, and the step sizes --
+        # computed from error estimates that cancel to about ``rtol`` -- carry
+        # the difference on, amplified (gradients then differ from
+        # ReverseMode's by 1e-11 at rtol 1e-8, 1e-8 at rtol 1e-12). Compiled
+        # in one program with the forward loop they round alike.
+        _, _, ct_packed, ct_d, ct_s = segments(ckpts, ct0)
+    else:
+        # One CPU kernel where `single_kernel` can; the checkpoints, which the
+        # forward loop computed, are passed beside its packed inputs.
+        _, _, ct_packed, ct_d, ct_s = single_kernel(walk, ct0, produced=ckpts)
 
     return (jtu.tree_map(_add, ct_d, _initial_cotangents(steps_program, d, ct_packed, ct_ys, ct_hist, ct_s)),)
 
@@ -364,20 +342,25 @@ def _initial_cotangents(program, d, ct_packed, ct_ys, ct_hist, ct_s=None):
     return ct_d
 
 
-def _back_step(program, prog, n_save, max_steps, dense, steps_only=False, const_mask=None):
-    """``(packed, ct_packed, d, ct_ys, ct_hist, first, saves) -> (ct_packed_in,
-    ct_d, ct_s)``: the cotangents of one iteration's inputs from those of its
-    outputs.
+def _back_step(program, prog, max_steps, dense, const_mask=None):
+    """``(packed, ct_packed, ct_d, d, ct_ys, ct_hist, first, saves, refill=None)
+    -> (new, ct_packed_in, ct_d, ct_s)``: the cotangents of one step attempt's
+    inputs from those of its outputs, ``ct_d`` accumulated.
 
-    ``steps_only``: the iteration is a step attempt alone (`_fwd_steps`) and
-    ``saves = (i0, i1, ct_s)`` says which points of ``t`` it saved after the
-    step: their cotangents (in ``ct_ys``) go to the step's polynomial and
-    their times' to ``ct_s`` (the loop save times'), which is returned
-    updated. Otherwise ``saves`` and the returned ``ct_s`` are None.
-    ``const_mask`` (steps only, outside `jax.vmap`): the loop's times are
-    constants and the mask says which leaves of ``d`` are differentiated; the
-    vjps leave out the times (the carry's, the save times, the step ends) and
-    the other leaves, whose cotangents are zero.
+    ``saves = (i0, i1, ct_s)`` says which points of ``t`` the attempt saved
+    after its step: their cotangents (in ``ct_ys``) go to the step's
+    polynomial and their times' to ``ct_s`` (the loop save times'), which is
+    returned updated. ``const_mask`` (outside `jax.vmap`): the loop's times
+    are constants and the mask says which leaves of ``d`` are differentiated;
+    the vjps leave out the times (the carry's, the save times, the step ends)
+    and the other leaves, whose cotangents are zero.
+
+    ``refill`` (a boolean scalar, unbatched): the primal is computed outside
+    any branch and ``new`` is the carry after the attempt (its saves passed,
+    as the forward loop's); where ``refill`` holds, the transposition is
+    skipped and the cotangents pass through. Without ``refill``, ``new`` is
+    None and, outside `jax.vmap`, primal and transposition sit in one branch
+    taken where the attempt ran.
 
     A lane whose condition is false (finished, or masked under `jax.vmap`)
     passes its cotangent through. Its iteration is replayed from the initial
@@ -387,13 +370,7 @@ def _back_step(program, prog, n_save, max_steps, dense, steps_only=False, const_
     """
     s_save = prog.save_times
 
-    def out_cotangents(save_at, save_val, step, step_index, ct_packed, ct_ys, ct_hist, active):
-        if steps_only:
-            ct_save = zero_tangents(save_val)
-        else:
-            ok_save = active & (save_at < n_save)
-            ct_save = jtu.tree_map(
-                lambda c: jnp.where(ok_save, c[jnp.minimum(save_at, n_save - 1)], 0).astype(c.dtype), ct_ys)
+    def out_cotangents(save_val, step, step_index, ct_packed, ct_hist, active):
         if dense:
             ok = active & step.accept & (step_index < max_steps)
             i = jnp.minimum(step_index, max_steps - 1)
@@ -408,12 +385,10 @@ def _back_step(program, prog, n_save, max_steps, dense, steps_only=False, const_
         else:
             ct_step = zero_tangents(step)
         ct_new = jtu.tree_map(lambda c: jnp.where(active, c, jnp.zeros_like(c)), ct_packed)
-        return ct_new, zero_tangents(save_at), ct_save, ct_step
+        return ct_new, zero_tangents(jnp.asarray(0, jnp.int32)), zero_tangents(save_val), ct_step
 
     def with_saves(outs, step, ct_ys, saves, active):
         # The points ``[i0, i1)`` saved on this step's polynomial.
-        if not steps_only:
-            return outs, None
         ct_new, ct_at, ct_save, ct_step = outs
         i0, i1, ct_s = saves
 
@@ -436,67 +411,93 @@ def _back_step(program, prog, n_save, max_steps, dense, steps_only=False, const_
         ct_step, ct_s = lax.fori_loop(i0, jnp.where(active, i1, i0), one, (ct_step, ct_s))
         return (ct_new, ct_at, ct_save, ct_step), ct_s
 
-    def branch_back(index):
-        # The cotangents through one branch alone (1: save, 2: step), its
-        # forward recomputed and transposed in one place.
-        def back(packed, ct_float, d, ct_ys, ct_hist, saves):
-            ct_packed = _merge_floats(prog.packed, ct_float)
-            step_index = prog.step_index(packed)
-            if const_mask is None:
-                (_, save_at, save_val, step), vjp_fn = jax.vjp(lambda p, dd: program(dd).branches[index - 1](p),
-                                                               packed, d)
-            else:
-                times, states = prog.split_times(packed)
-                d_var, d_const = eqx.partition(d, const_mask)
+    def primal(packed, d, masked):
+        # ``(outs, vjp_fn)`` of one attempt, ``masked`` as the forward loop's.
+        if const_mask is None:
+            return jax.vjp(lambda p, dd: _masked_iteration(program(dd), p) if masked
+                           else program(dd).attempt(p), packed, d)
+        times, states = prog.split_times(packed)
+        d_var, d_const = eqx.partition(d, const_mask)
 
-                def fn(states, d_var):
-                    return program(eqx.combine(d_var, d_const)).branches[index - 1](prog.join_times(times, states))
+        def fn(states, d_var):
+            p = prog.join_times(times, states)
+            pr = program(eqx.combine(d_var, d_const))
+            return _masked_iteration(pr, p) if masked else pr.attempt(p)
 
-                (_, save_at, save_val, step), vjp_states = jax.vjp(fn, states, d_var)
+        outs, vjp_states = jax.vjp(fn, states, d_var)
 
-                def vjp_fn(outs):
-                    ct_states, ct_var = vjp_states(outs)
-                    ct_p = prog.join_times(zero_tangents(times), ct_states)
-                    return ct_p, eqx.combine(ct_var, zero_tangents(d_const))
-            outs = out_cotangents(save_at, save_val, step, step_index, ct_packed, ct_ys, ct_hist, True)
-            outs, ct_s = with_saves(outs, step, ct_ys, saves, True)
-            ct_p, ct_d = vjp_fn(outs)
-            return _float_leaves(ct_p), ct_d, ct_s
+        def vjp_fn(cts):
+            ct_states, ct_var = vjp_states(cts)
+            return prog.join_times(zero_tangents(times), ct_states), eqx.combine(ct_var, zero_tangents(d_const))
 
-        return back
+        return outs, vjp_fn
 
-    def skip(packed, ct_float, d, ct_ys, ct_hist, saves):
-        return ct_float, zero_tangents(d), (saves[2] if steps_only else None)
+    def transpose(outs, vjp_fn, step_index, ct_packed, ct_d, ct_ys, ct_hist, saves, active):
+        _, _, save_val, step = outs
+        cts = out_cotangents(save_val, step, step_index, ct_packed, ct_hist, active)
+        cts, ct_s = with_saves(cts, step, ct_ys, saves, active)
+        ct_p, ct_dd = vjp_fn(cts)
+        return ct_p, jtu.tree_map(_add, ct_d, ct_dd), ct_s
 
-    def back_unbatched(packed, ct_packed, d, ct_ys, ct_hist, saves):
-        # Outside `jax.vmap` (as `solve` sees it): one `switch` over whole
-        # backward branches. The vjp of the iteration's own `cond` would carry
-        # the union of both branches' residuals out of a forward `cond` into a
-        # transposed one -- dozens of scalar buffers, each a copy per iteration,
-        # which cost more than the arithmetic on small states. (Under a `vmap`
-        # `solve` cannot see, the switch becomes a select of the results: an
-        # unselected branch's non-finite values are discarded, not multiplied
-        # by zero.)
-        operands = (packed, _float_leaves(ct_packed), d, ct_ys, ct_hist, saves)
-        if steps_only:
-            ct_p, ct_d, ct_s = lax.cond(prog.step_cond(packed), branch_back(2), skip, *operands)
-        else:
-            ct_p, ct_d, ct_s = lax.switch(prog.kind(packed), [skip, branch_back(1), branch_back(2)], *operands)
-        return _merge_floats(ct_packed, ct_p), ct_d, ct_s
+    def after(outs, packed, active):
+        # The carry the forward loop went on with: the attempt's, its saves
+        # passed (a lane that did not run keeps ``packed``).
+        new, _, _, step = outs
+        new = prog.save_passed(new, step, None)[0]
+        return jtu.tree_map(lambda a, b: jnp.where(active, a, b), new, packed)
 
-    def back(packed, ct_packed, d, ct_ys, ct_hist, first, saves=None):
+    def back_unbatched(packed, ct_packed, ct_d, d, ct_ys, ct_hist, saves):
+        # Outside `jax.vmap` (as `solve` sees it): primal and transposition in
+        # one branch, taken where the attempt ran. The vjp of a `cond` in the
+        # iteration would carry the union of both branches' residuals out of a
+        # forward `cond` into a transposed one -- dozens of scalar buffers, each
+        # a copy per iteration, which cost more than the arithmetic on small
+        # states. (Under a `vmap` `solve` cannot see, the branch becomes a
+        # select of the results: an unselected branch's non-finite values are
+        # discarded, not multiplied by zero.)
+        def run(packed, ct_pf, ct_df, saves):
+            outs, vjp_fn = primal(packed, d, False)
+            ct_p, ct_dd, ct_s = transpose(outs, vjp_fn, prog.step_index(packed), _merge_floats(ct_packed, ct_pf),
+                                          _merge_floats(ct_d, ct_df), ct_ys, ct_hist, saves, True)
+            return _float_leaves(ct_p), _float_leaves(ct_dd), ct_s
+
+        def skip(packed, ct_pf, ct_df, saves):
+            return ct_pf, ct_df, saves[2]
+
+        ct_pf, ct_df, ct_s = lax.cond(prog.step_cond(packed), run, skip, packed, _float_leaves(ct_packed),
+                                      _float_leaves(ct_d), saves)
+        return None, _merge_floats(ct_packed, ct_pf), _merge_floats(ct_d, ct_df), ct_s
+
+    def back(packed, ct_packed, ct_d, d, ct_ys, ct_hist, first, saves, refill=None):
+        if refill is None and prog.lanes == 1:
+            return back_unbatched(packed, ct_packed, ct_d, d, ct_ys, ct_hist, saves)
+        active = prog.step_cond(packed)
         if prog.lanes == 1:
-            return back_unbatched(packed, ct_packed, d, ct_ys, ct_hist, saves)
-        active = (prog.step_cond if steps_only else prog.cond)(packed)
-        safe = jtu.tree_map(lambda a, b: jnp.where(active, a, b), packed, first)
+            # Every carry the backward pass recomputes or walks is one the
+            # forward loop stepped from.
+            safe = packed
+        else:
+            safe = jtu.tree_map(lambda a, b: jnp.where(active, a, b), packed, first)
         step_index = prog.step_index(safe)
-        (_, save_at, save_val, step), vjp_fn = jax.vjp(
-            lambda p, dd: _masked_iteration(program(dd), p, steps_only), safe, d)
-        outs = out_cotangents(save_at, save_val, step, step_index, ct_packed, ct_ys, ct_hist, active)
-        outs, ct_s = with_saves(outs, step, ct_ys, saves, active)
-        ct_p, ct_d = vjp_fn(outs)
-        ct_p = jtu.tree_map(lambda a, b: a if _is_float0(a) else jnp.where(active, a, b), ct_p, ct_packed)
-        return ct_p, ct_d, ct_s
+        outs, vjp_fn = primal(safe, d, prog.lanes > 1)
+
+        def run(ct_packed, ct_d, ct_s):
+            ct_p, ct_d, ct_s = transpose(outs, vjp_fn, step_index, ct_packed, ct_d, ct_ys, ct_hist,
+                                         (saves[0], saves[1], ct_s), active)
+            ct_p = jtu.tree_map(lambda a, b: a if _is_float0(a) else jnp.where(active, a, b), ct_p, ct_packed)
+            return ct_p, ct_d, ct_s
+
+        if refill is None:
+            return (None, *run(ct_packed, ct_d, saves[2]))
+
+        def run_floats(ct_pf, ct_df, ct_s):
+            ct_p, ct_dd, ct_s = run(_merge_floats(ct_packed, ct_pf), _merge_floats(ct_d, ct_df), ct_s)
+            return _float_leaves(ct_p), _float_leaves(ct_dd), ct_s
+
+        # Only the inexact leaves cross the branch (float0 leaves cannot).
+        ct_pf, ct_df, ct_s = lax.cond(refill, lambda *a: a, run_floats, _float_leaves(ct_packed),
+                                      _float_leaves(ct_d), saves[2])
+        return after(outs, packed, active), _merge_floats(ct_packed, ct_pf), _merge_floats(ct_d, ct_df), ct_s
 
     return back
 
@@ -520,8 +521,8 @@ def _carry_bytes(packed) -> int:
     return sum(x.size * x.dtype.itemsize for x in jtu.tree_leaves(packed))
 
 
-def _masked_iteration(prog, packed, steps_only=False):
-    """One iteration where the loop condition holds, else nothing.
+def _masked_iteration(prog, packed):
+    """One step attempt where the loop condition holds, else nothing.
 
     The forward loop runs while *any* lane of a `jax.vmap` is active
     (`equinox.internal.unvmap_any`, the device diffrax uses too) and finished
@@ -530,14 +531,9 @@ def _masked_iteration(prog, packed, steps_only=False):
     included, a copy of ``max_steps`` carries per iteration -- and index it
     with a batched counter (a scatter). Outside `vmap` the condition always
     holds where this runs and the mask is a select on the small carry."""
-    if steps_only:
-        active = prog.step_cond(packed)
-        new, save_at, save_val, step = prog.branches[1](packed)
-    else:
-        active = prog.cond(packed)
-        new, save_at, save_val, step = prog.iteration(packed)
+    active = prog.step_cond(packed)
+    new, save_at, save_val, step = prog.attempt(packed)
     new = jtu.tree_map(lambda a, b: jnp.where(active, a, b), new, packed)
-    save_at = jnp.where(active, save_at, prog.n_save)
     return new, save_at, save_val, step._replace(accept=step.accept & active)
 
 
