@@ -116,6 +116,11 @@ class LoopConfig(NamedTuple):
     #: How many `jax.vmap` lanes the solve stands for (seen by `solve`; 1
     #: outside `vmap`): adjoints size their buffers by it.
     lanes: int = 1
+    #: False: the initial carry's step size (with ``dt0=None``) is a zero
+    #: placeholder, not the initial step selection, which evaluates the vector
+    #: field: for a backward pass that needs the step functions and the
+    #: derivative of the initial carry (the step size has none), not its value.
+    initial_step: bool = True
 
 
 class _Core(NamedTuple):
@@ -301,7 +306,9 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
 
     solver_state = solver.init(problem, s_start, y0)
     num_fevals = solver.init_fevals
-    if dt0 is None:
+    if dt0 is None and not config.initial_step:
+        dt = jnp.zeros((), time_dtype)
+    elif dt0 is None:
         f0 = solver_state if getattr(solver, "tableau", None) is not None and solver.tableau.fsal else None
         if f0 is None:
             f0 = problem.vf(s_start, y0)

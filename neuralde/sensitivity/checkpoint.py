@@ -113,9 +113,9 @@ class CheckpointAdjoint(AbstractSensitivity):
             return build(eqx.combine(d, static), **overrides)
 
         def plan(prog):
-            # Steps alone are checkpointed (saves are no iterations), with the
-            # carry that `_steps_view` keeps.
-            return self.plan(prog.max_iters - prog.n_save, _carry_bytes(prog.drop_last(prog.packed)) * prog.lanes)
+            # Steps are checkpointed (saves are no iterations), with the carry
+            # of `_steps_view`.
+            return self.plan(prog.max_iters - prog.n_save, _carry_bytes(prog.packed) * prog.lanes)
 
         @jax.custom_vjp
         def solve(d):
@@ -129,16 +129,20 @@ class CheckpointAdjoint(AbstractSensitivity):
 
         def fwd(d):
             d, mask = unwrap_primals(d)
-            prog = program(d)
+            prog = _steps_view(program(d))
             seen["mask"] = mask
             ts_perturbed = mask[3]  # d is (term, y0, args, ts, rtol, atol, dt0)
             seen["const_times"] = not ts_perturbed and not prog.moving_steps
-            return _fwd_steps(program, d, plan(prog)[0])
+            return _fwd_steps(prog, d, plan(prog)[0])
 
         def bwd(res, ct_out):
             ct_out = jtu.tree_map(instantiate_zero, ct_out, is_leaf=is_symbolic_zero)
-            max_stride = plan(program(res[0]))[1]
-            return _bwd_steps(program, res, ct_out, max_stride, seen["mask"] if seen["const_times"] else None)
+            # The backward pass reads the step functions, not the initial
+            # carry's values (its first checkpoint holds them).
+            steps_program = lambda dd: _steps_view(program(dd, initial_step=False))  # noqa: E731
+            prog = steps_program(res[0])
+            return _bwd_steps(steps_program, prog, res, ct_out, plan(prog)[1],
+                              seen["mask"] if seen["const_times"] else None)
 
         solve.defvjp(fwd, bwd, symbolic_zeros=True)
         return solve(dyn)
@@ -167,14 +171,14 @@ def _steps_view(prog):
     )
 
 
-def _fwd_steps(program, d, slots):
+def _fwd_steps(prog, d, slots):
     """The forward pass: a `lax.while_loop` of step attempts that checkpoints
     the carry before each (or, past ``slots`` attempts, every ``stride``-th:
     see `CheckpointAdjoint`); after an accepted step, a small inner loop saves
     the points of ``t`` it passed. A save point costs no iteration of the
     loop, forward or backward (on small states an iteration's fixed cost, not
-    its arithmetic, is what a solve spends)."""
-    prog = _steps_view(program(d))
+    its arithmetic, is what a solve spends). ``prog`` is the solve's
+    `_steps_view`."""
     max_steps = prog.max_iters - prog.n_save
     strided = slots < max_steps
 
@@ -241,7 +245,7 @@ def _fwd_steps(program, d, slots):
     return prog.finalize(packed, ys, dense), (d, ckpts, n_iter, stride, prog.save_index(packed))
 
 
-def _bwd_steps(program, res, ct_out, max_stride, const_mask=None):
+def _bwd_steps(steps_program, prog, res, ct_out, max_stride, const_mask=None):
     """The backward pass of `_fwd_steps`: the step attempts in reverse, each
     recomputed from its checkpoint, with the cotangents of the points it saved
     added to those of its polynomial. ``const_mask`` (when the loop's times
@@ -256,8 +260,6 @@ def _bwd_steps(program, res, ct_out, max_stride, const_mask=None):
     for both, its transposition skipped while refilling."""
     d, ckpts, n_iter, stride, last_saved = res
     (ct_ys, ct_hist), _ = ct_out
-    steps_program = lambda dd: _steps_view(program(dd))  # noqa: E731
-    prog = steps_program(d)
     max_steps = prog.max_iters - prog.n_save
     s_save = prog.save_times
     first = jtu.tree_map(lambda b: b[0], ckpts)
@@ -321,16 +323,15 @@ def _bwd_steps(program, res, ct_out, max_stride, const_mask=None):
         # forward loop computed, are passed beside its packed inputs.
         _, _, ct_packed, ct_d, ct_s = single_kernel(walk, ct0, produced=ckpts)
 
-    return (jtu.tree_map(_add, ct_d, _initial_cotangents(steps_program, d, ct_packed, ct_ys, ct_hist, ct_s)),)
+    return (jtu.tree_map(_add, ct_d, _initial_cotangents(steps_program, prog.dense is not None, d, ct_packed, ct_ys,
+                                                          ct_hist, ct_s)),)
 
 
-def _initial_cotangents(program, d, ct_packed, ct_ys, ct_hist, ct_s=None):
+def _initial_cotangents(program, dense, d, ct_packed, ct_ys, ct_hist, ct_s=None):
     """The cotangent of ``d`` through what depends on the inputs directly:
     the initial carry, the first saved value (``y0`` itself), the first step
     boundary of the dense history, and (``ct_s`` given) the loop's save
     times."""
-    dense = program(d).dense is not None
-
     def initial(dd):
         p = program(dd)
         out = (p.packed, jtu.tree_map(lambda y: y[0], p.ys), p.dense[0][0] if dense else None)
