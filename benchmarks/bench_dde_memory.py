@@ -16,7 +16,7 @@ state, hence in the loop carry: ReverseMode stores one carry per possible
 iteration, so its memory is O(max_steps * max_history) -- linear in the step
 budget for a fixed buffer, never O(max_steps^2) since the buffer keeps only
 the window of one lag, not every step. CheckpointAdjoint stores every
-iteration's carry while that fits in 32 MiB, then O(sqrt(max_steps)) of them.
+step's carry while that fits in 16 MiB, then O(sqrt(max_steps)) of them.
 """
 import argparse
 import json

@@ -39,7 +39,7 @@ B. ``max_steps = steps_per_time * T`` (400, 1200, 4000 by default), what a
    up to the product of its nested scans' lengths: 448/1210/4096 slots
    here, 8.3x for 10x the budget), CheckpointAdjoint(checkpoints=k)
    grows as max_steps/k, CheckpointAdjoint() as sqrt(max_steps) once its
-   every-step buffer would pass 32 MiB (below that it stores every iteration,
+   every-step buffer would pass 16 MiB (below that it stores every step,
    like ReverseMode, so it can *drop* as the span grows), diffrax's
    RecursiveCheckpointAdjoint as log(max_steps), the continuous adjoints not
    at all.
