@@ -456,18 +456,23 @@ def _back_step(program, prog, max_steps, dense, const_mask=None):
         # states. (Under a `vmap` `solve` cannot see, the branch becomes a
         # select of the results: an unselected branch's non-finite values are
         # discarded, not multiplied by zero.)
-        def run(packed, ct_pf, ct_df, saves):
+        # The step's cotangent of ``d`` comes out of the branch and is added
+        # here: passing the running sum through the branch cost +20% on W3s's
+        # training step (the parameters' cotangents copied in and out at every
+        # step).
+        zero_d = zero_tangents(d)
+
+        def run(packed, ct_pf, saves):
             outs, vjp_fn = primal(packed, d, False)
             ct_p, ct_dd, ct_s = transpose(outs, vjp_fn, prog.step_index(packed), _merge_floats(ct_packed, ct_pf),
-                                          _merge_floats(ct_d, ct_df), ct_ys, ct_hist, saves, True)
+                                          zero_d, ct_ys, ct_hist, saves, True)
             return _float_leaves(ct_p), _float_leaves(ct_dd), ct_s
 
-        def skip(packed, ct_pf, ct_df, saves):
-            return ct_pf, ct_df, saves[2]
+        def skip(packed, ct_pf, saves):
+            return ct_pf, _float_leaves(zero_d), saves[2]
 
-        ct_pf, ct_df, ct_s = lax.cond(prog.step_cond(packed), run, skip, packed, _float_leaves(ct_packed),
-                                      _float_leaves(ct_d), saves)
-        return None, _merge_floats(ct_packed, ct_pf), _merge_floats(ct_d, ct_df), ct_s
+        ct_pf, ct_df, ct_s = lax.cond(prog.step_cond(packed), run, skip, packed, _float_leaves(ct_packed), saves)
+        return None, _merge_floats(ct_packed, ct_pf), jtu.tree_map(_add, ct_d, _merge_floats(d, ct_df)), ct_s
 
     def back(packed, ct_packed, ct_d, d, ct_ys, ct_hist, first, saves, refill=None):
         if refill is None and prog.lanes == 1:
@@ -491,14 +496,23 @@ def _back_step(program, prog, max_steps, dense, const_mask=None):
         if refill is None:
             return (None, *run(ct_packed, ct_d, saves[2]))
 
-        def run_floats(ct_pf, ct_df, ct_s):
-            ct_p, ct_dd, ct_s = run(_merge_floats(ct_packed, ct_pf), _merge_floats(ct_d, ct_df), ct_s)
+        zero_d = zero_tangents(d)
+
+        def run_floats(ct_pf, ct_s):
+            ct_p, ct_dd, ct_s = run(_merge_floats(ct_packed, ct_pf), zero_d, ct_s)
             return _float_leaves(ct_p), _float_leaves(ct_dd), ct_s
 
-        # Only the inexact leaves cross the branch (float0 leaves cannot).
-        ct_pf, ct_df, ct_s = lax.cond(refill, lambda *a: a, run_floats, _float_leaves(ct_packed),
-                                      _float_leaves(ct_d), saves[2])
-        return after(outs, packed, active), _merge_floats(ct_packed, ct_pf), _merge_floats(ct_d, ct_df), ct_s
+        def keep(ct_pf, ct_s):
+            return ct_pf, _float_leaves(zero_d), ct_s
+
+        # Only the inexact leaves cross the branch (float0 leaves cannot); the
+        # step's cotangent of ``d`` comes out of it and is added here, rather
+        # than the running sum passing through (on small problems, the copy of
+        # every parameter's cotangent in and out of the branch at every step
+        # was measured: +20% on W3s's training step).
+        ct_pf, ct_df, ct_s = lax.cond(refill, keep, run_floats, _float_leaves(ct_packed), saves[2])
+        ct_d = jtu.tree_map(_add, ct_d, _merge_floats(d, ct_df))
+        return after(outs, packed, active), _merge_floats(ct_packed, ct_pf), ct_d, ct_s
 
     return back
 
