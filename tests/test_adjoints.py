@@ -75,7 +75,7 @@ _release_compiled = release_after_module(compiled_grad.cache_clear)
 # The default plan on a small state: every step a checkpoint, each step saving
 # the points it passed; with 4 slots: strided checkpoints, segments recomputed
 # through the backward step's primal.
-@pytest.mark.parametrize("checkpoint", ["checkpoint", "checkpoint-4"], ids=["steps-only", "strided"])
+@pytest.mark.parametrize("checkpoint", ["checkpoint", "checkpoint-4"], ids=["every-step", "strided"])
 @pytest.mark.parametrize("name", list(FIXED) + list(ADAPTIVE))
 def test_checkpoint_equals_reverse_every_solver(name, checkpoint):
     step = 0.05 if name in FIXED else 1e-8  # dt0 or rtol = atol

@@ -23,10 +23,10 @@ import neuralde as nde
 # measured (jax 0.10.2): solve 746 equations / 76.4k characters of StableHLO
 # (831 / 80.2k on 2026-12-06); CheckpointAdjoint gradient 2959 equations /
 # 278k characters, 2922 / 260k since its loop of steps alone with saves after
-# each step (2026-11-23), 2362 / 233k since the backward pass builds its
+# each step (2026-11-23), 2370 / 234k since the backward pass builds its
 # programs without the initial step selection (2026-12-06). With 4 checkpoint
 # slots (strided, segments recomputed): 4672 / 441k while the recomputation was
-# a second copy of the step-or-save iteration, 2626 / 269k since it runs
+# a second copy of the step-or-save iteration, 2635 / 270k since it runs
 # through the backward step's own primal (2026-12-06).
 BOUNDS = {
     "solve": {"eqns": 970, "hlo_chars": 100_000},

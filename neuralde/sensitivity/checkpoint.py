@@ -113,9 +113,8 @@ class CheckpointAdjoint(AbstractSensitivity):
             return build(eqx.combine(d, static), **overrides)
 
         def plan(prog):
-            # Steps are checkpointed (saves are no iterations), with the carry
-            # of `_steps_view`.
-            return self.plan(prog.max_iters - prog.n_save, _carry_bytes(prog.packed) * prog.lanes)
+            # ``prog`` is a `_steps_view`: its iterations are the steps.
+            return self.plan(prog.max_iters, _carry_bytes(prog.packed) * prog.lanes)
 
         @jax.custom_vjp
         def solve(d):
@@ -149,10 +148,11 @@ class CheckpointAdjoint(AbstractSensitivity):
 
 
 def _steps_view(prog):
-    """``prog`` as the loop of steps sees it: its carry without the last step's
-    polynomial (which only the save iterations of `run_bounded` read; this
-    loop saves from each step's own outputs), so that neither the checkpoints
-    nor the backward steps hold it."""
+    """``prog`` as the loop of steps sees it: its iterations are the steps
+    (``max_iters`` is ``max_steps``: saves are made after each step, no
+    iterations of their own), and its carry is without the last step's
+    polynomial (which only the save iterations of `run_bounded` read), so that
+    neither the checkpoints nor the backward steps hold it."""
     add, drop = prog.add_last, prog.drop_last
 
     def step(reduced):
@@ -164,7 +164,7 @@ def _steps_view(prog):
         return drop(new), ys
 
     return prog._replace(
-        packed=drop(prog.packed), attempt=step, save_passed=save_passed,
+        packed=drop(prog.packed), max_iters=prog.max_iters - prog.n_save, attempt=step, save_passed=save_passed,
         step_cond=lambda r: prog.step_cond(add(r)), step_index=lambda r: prog.step_index(add(r)),
         save_index=lambda r: prog.save_index(add(r)), report=lambda r: prog.report(add(r)),
         finalize=lambda r, ys, dense: prog.finalize(add(r), ys, dense),
@@ -179,8 +179,7 @@ def _fwd_steps(prog, d, slots):
     loop, forward or backward (on small states an iteration's fixed cost, not
     its arithmetic, is what a solve spends). ``prog`` is the solve's
     `_steps_view`."""
-    max_steps = prog.max_iters - prog.n_save
-    strided = slots < max_steps
+    strided = slots < prog.max_iters
 
     def attempt(packed, ys, dense):
         step_index = prog.step_index(packed)
@@ -260,10 +259,9 @@ def _bwd_steps(steps_program, prog, res, ct_out, max_stride, const_mask=None):
     for both, its transposition skipped while refilling."""
     d, ckpts, n_iter, stride, last_saved = res
     (ct_ys, ct_hist), _ = ct_out
-    max_steps = prog.max_iters - prog.n_save
     s_save = prog.save_times
     first = jtu.tree_map(lambda b: b[0], ckpts)
-    back_step = _back_step(steps_program, prog, max_steps, prog.dense is not None, const_mask)
+    back_step = _back_step(steps_program, prog, d, const_mask)
 
     def walk(ckpts, ct0):
         def back(c):
@@ -271,7 +269,7 @@ def _bwd_steps(steps_program, prog, res, ct_out, max_stride, const_mask=None):
             i, nxt, ct_packed, ct_d, ct_s = c
             p = jtu.tree_map(lambda b: b[i], ckpts)
             i0 = prog.save_index(p)
-            _, ct_p, ct_d, ct_s = back_step(p, ct_packed, ct_d, d, ct_ys, ct_hist, first, (i0, nxt, ct_s))
+            _, ct_p, ct_d, ct_s = back_step(p, ct_packed, ct_d, ct_ys, ct_hist, first, (i0, nxt, ct_s))
             return i - 1, i0, ct_p, ct_d, ct_s
 
         return lax.while_loop(lambda c: c[0] >= 0, back, ct0)
@@ -294,8 +292,8 @@ def _bwd_steps(steps_program, prog, res, ct_out, max_stride, const_mask=None):
                 j = jnp.where(refill, n, 2 * count - 2 - n)
                 p = jtu.tree_map(lambda b: b[j], carries)
                 i0 = prog.save_index(p)
-                new, ct_packed, ct_d, ct_s = back_step(p, ct_packed, ct_d, d, ct_ys, ct_hist, first,
-                                                       (i0, nxt, ct_s), refill)
+                new, ct_packed, ct_d, ct_s = back_step(p, ct_packed, ct_d, ct_ys, ct_hist, first, (i0, nxt, ct_s),
+                                                       refill)
                 dest = jnp.where(refill, j + 1, max_stride)
                 carries = jtu.tree_map(lambda b, x: lax.dynamic_update_index_in_dim(b, x, dest, 0), carries, new)
                 return n + 1, jnp.where(refill, nxt, i0), ct_packed, ct_d, ct_s, carries
@@ -305,7 +303,7 @@ def _bwd_steps(steps_program, prog, res, ct_out, max_stride, const_mask=None):
             return k - 1, nxt, ct_packed, ct_d, ct_s, carries
 
         n_segments = (n_iter + stride - 1) // stride
-        i, nxt, ct_packed, ct_d, ct_s = ct0
+        _, nxt, ct_packed, ct_d, ct_s = ct0
         out = lax.while_loop(lambda c: c[0] >= 0, segment, (n_segments - 1, nxt, ct_packed, ct_d, ct_s, carries0))
         return out[:5]
 
@@ -343,10 +341,11 @@ def _initial_cotangents(program, dense, d, ct_packed, ct_ys, ct_hist, ct_s=None)
     return ct_d
 
 
-def _back_step(program, prog, max_steps, dense, const_mask=None):
-    """``(packed, ct_packed, ct_d, d, ct_ys, ct_hist, first, saves, refill=None)
+def _back_step(program, prog, d, const_mask=None):
+    """``(packed, ct_packed, ct_d, ct_ys, ct_hist, first, saves, refill=None)
     -> (new, ct_packed_in, ct_d, ct_s)``: the cotangents of one step attempt's
-    inputs from those of its outputs, ``ct_d`` accumulated.
+    inputs (the carry ``packed`` and the solve's inputs ``d``) from those of
+    its outputs, ``ct_d`` accumulated.
 
     ``saves = (i0, i1, ct_s)`` says which points of ``t`` the attempt saved
     after its step: their cotangents (in ``ct_ys``) go to the step's
@@ -370,8 +369,9 @@ def _back_step(program, prog, max_steps, dense, const_mask=None):
     which a zero cotangent would turn into NaN.
     """
     s_save = prog.save_times
+    max_steps, dense = prog.max_iters, prog.dense is not None
 
-    def out_cotangents(save_val, step, step_index, ct_packed, ct_hist, active):
+    def out_cotangents(save_at, save_val, step, step_index, ct_packed, ct_hist, active):
         if dense:
             ok = active & step.accept & (step_index < max_steps)
             i = jnp.minimum(step_index, max_steps - 1)
@@ -386,7 +386,7 @@ def _back_step(program, prog, max_steps, dense, const_mask=None):
         else:
             ct_step = zero_tangents(step)
         ct_new = jtu.tree_map(lambda c: jnp.where(active, c, jnp.zeros_like(c)), ct_packed)
-        return ct_new, zero_tangents(jnp.asarray(0, jnp.int32)), zero_tangents(save_val), ct_step
+        return ct_new, zero_tangents(save_at), zero_tangents(save_val), ct_step
 
     def with_saves(outs, step, ct_ys, saves, active):
         # The points ``[i0, i1)`` saved on this step's polynomial.
@@ -434,8 +434,8 @@ def _back_step(program, prog, max_steps, dense, const_mask=None):
         return outs, vjp_fn
 
     def transpose(outs, vjp_fn, step_index, ct_packed, ct_d, ct_ys, ct_hist, saves, active):
-        _, _, save_val, step = outs
-        cts = out_cotangents(save_val, step, step_index, ct_packed, ct_hist, active)
+        _, save_at, save_val, step = outs
+        cts = out_cotangents(save_at, save_val, step, step_index, ct_packed, ct_hist, active)
         cts, ct_s = with_saves(cts, step, ct_ys, saves, active)
         ct_p, ct_dd = vjp_fn(cts)
         return ct_p, jtu.tree_map(_add, ct_d, ct_dd), ct_s
@@ -447,7 +447,27 @@ def _back_step(program, prog, max_steps, dense, const_mask=None):
         new = prog.save_passed(new, step, None)[0]
         return jtu.tree_map(lambda a, b: jnp.where(active, a, b), new, packed)
 
-    def back_unbatched(packed, ct_packed, ct_d, d, ct_ys, ct_hist, saves):
+    def branch(pred, run, ct_packed, ct_d, ct_s, *operands):
+        # ``lax.cond(pred, run, pass-through)`` over the cotangents, where
+        # ``run(ct_packed, ct_s, *operands) -> (ct_packed_in, ct_dd, ct_s)``
+        # gives the step's own cotangent ``ct_dd`` of ``d``. Only inexact
+        # leaves cross the branch (float0 leaves cannot), and ``ct_dd`` is
+        # added to the running sum here: passing the sum through the branch
+        # copied every parameter's cotangent in and out at every step (+20% on
+        # W3s's training step). The zeros are made inside the branches, not
+        # passed in (made outside the loop, they would be a buffer copied in
+        # at every step just the same).
+        def taken(ct_pf, ct_s, *operands):
+            ct_p, ct_dd, ct_s = run(_merge_floats(ct_packed, ct_pf), ct_s, *operands)
+            return _float_leaves(ct_p), _float_leaves(ct_dd), ct_s
+
+        def passed(ct_pf, ct_s, *operands):
+            return ct_pf, _float_leaves(zero_tangents(d)), ct_s
+
+        ct_pf, ct_df, ct_s = lax.cond(pred, taken, passed, _float_leaves(ct_packed), ct_s, *operands)
+        return _merge_floats(ct_packed, ct_pf), jtu.tree_map(_add, ct_d, _merge_floats(d, ct_df)), ct_s
+
+    def back_unbatched(packed, ct_packed, ct_d, ct_ys, ct_hist, saves):
         # Outside `jax.vmap` (as `solve` sees it): primal and transposition in
         # one branch, taken where the attempt ran. The vjp of a `cond` in the
         # iteration would carry the union of both branches' residuals out of a
@@ -456,27 +476,17 @@ def _back_step(program, prog, max_steps, dense, const_mask=None):
         # states. (Under a `vmap` `solve` cannot see, the branch becomes a
         # select of the results: an unselected branch's non-finite values are
         # discarded, not multiplied by zero.)
-        # The step's cotangent of ``d`` comes out of the branch and is added
-        # here: passing the running sum through the branch cost +20% on W3s's
-        # training step (the parameters' cotangents copied in and out at every
-        # step).
-        zero_d = zero_tangents(d)
-
-        def run(packed, ct_pf, saves):
+        def run(ct_packed, ct_s, packed):
             outs, vjp_fn = primal(packed, d, False)
-            ct_p, ct_dd, ct_s = transpose(outs, vjp_fn, prog.step_index(packed), _merge_floats(ct_packed, ct_pf),
-                                          zero_d, ct_ys, ct_hist, saves, True)
-            return _float_leaves(ct_p), _float_leaves(ct_dd), ct_s
+            return transpose(outs, vjp_fn, prog.step_index(packed), ct_packed, zero_tangents(d), ct_ys, ct_hist,
+                             (saves[0], saves[1], ct_s), True)
 
-        def skip(packed, ct_pf, saves):
-            return ct_pf, _float_leaves(zero_d), saves[2]
+        ct_p, ct_d, ct_s = branch(prog.step_cond(packed), run, ct_packed, ct_d, saves[2], packed)
+        return None, ct_p, ct_d, ct_s
 
-        ct_pf, ct_df, ct_s = lax.cond(prog.step_cond(packed), run, skip, packed, _float_leaves(ct_packed), saves)
-        return None, _merge_floats(ct_packed, ct_pf), jtu.tree_map(_add, ct_d, _merge_floats(d, ct_df)), ct_s
-
-    def back(packed, ct_packed, ct_d, d, ct_ys, ct_hist, first, saves, refill=None):
+    def back(packed, ct_packed, ct_d, ct_ys, ct_hist, first, saves, refill=None):
         if refill is None and prog.lanes == 1:
-            return back_unbatched(packed, ct_packed, ct_d, d, ct_ys, ct_hist, saves)
+            return back_unbatched(packed, ct_packed, ct_d, ct_ys, ct_hist, saves)
         active = prog.step_cond(packed)
         if prog.lanes == 1:
             # Every carry the backward pass recomputes or walks is one the
@@ -487,39 +497,25 @@ def _back_step(program, prog, max_steps, dense, const_mask=None):
         step_index = prog.step_index(safe)
         outs, vjp_fn = primal(safe, d, prog.lanes > 1)
 
-        def run(ct_packed, ct_d, ct_s):
+        def run(ct_packed, ct_s, ct_d=None):
+            # ``ct_d`` None: the step's own cotangent of ``d`` (see `branch`).
+            ct_d = zero_tangents(d) if ct_d is None else ct_d
             ct_p, ct_d, ct_s = transpose(outs, vjp_fn, step_index, ct_packed, ct_d, ct_ys, ct_hist,
                                          (saves[0], saves[1], ct_s), active)
             ct_p = jtu.tree_map(lambda a, b: a if _is_float0(a) else jnp.where(active, a, b), ct_p, ct_packed)
             return ct_p, ct_d, ct_s
 
         if refill is None:
-            return (None, *run(ct_packed, ct_d, saves[2]))
-
-        zero_d = zero_tangents(d)
-
-        def run_floats(ct_pf, ct_s):
-            ct_p, ct_dd, ct_s = run(_merge_floats(ct_packed, ct_pf), zero_d, ct_s)
-            return _float_leaves(ct_p), _float_leaves(ct_dd), ct_s
-
-        def keep(ct_pf, ct_s):
-            return ct_pf, _float_leaves(zero_d), ct_s
-
-        # Only the inexact leaves cross the branch (float0 leaves cannot); the
-        # step's cotangent of ``d`` comes out of it and is added here, rather
-        # than the running sum passing through (on small problems, the copy of
-        # every parameter's cotangent in and out of the branch at every step
-        # was measured: +20% on W3s's training step).
-        ct_pf, ct_df, ct_s = lax.cond(refill, keep, run_floats, _float_leaves(ct_packed), saves[2])
-        ct_d = jtu.tree_map(_add, ct_d, _merge_floats(d, ct_df))
-        return after(outs, packed, active), _merge_floats(ct_packed, ct_pf), ct_d, ct_s
+            return (None, *run(ct_packed, saves[2], ct_d))
+        ct_p, ct_d, ct_s = branch(~refill, run, ct_packed, ct_d, saves[2])
+        return after(outs, packed, active), ct_p, ct_d, ct_s
 
     return back
 
 
 def _float_leaves(tree):
     """The inexact leaves of a cotangent tree (float0 leaves cannot cross a
-    `lax.switch`)."""
+    `lax.cond`)."""
     return [x for x in jtu.tree_leaves(tree) if not _is_float0(x)]
 
 
