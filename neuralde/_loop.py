@@ -51,7 +51,7 @@ class Problem:
     ``s = direction * t``. Later families extend it (Brownian increments for
     SDEs, the dense history for delay equations)."""
 
-    def __init__(self, term, args, direction, rtol=None, atol=None, span=None):
+    def __init__(self, term, args, direction, rtol=None, atol=None, span=None, reverse_steps=False):
         self.term = term
         self.args = args
         self.direction = direction
@@ -64,6 +64,9 @@ class Problem:
         #: Whether the loop reads the steps' dense-output polynomials (solvers
         #: may skip computing them when it does not).
         self.dense_output = True
+        #: Whether the steps are differentiated in reverse mode (`LoopConfig`):
+        #: a loop inside a step must then be made of scans.
+        self.reverse_steps = reverse_steps
 
     def vf(self, s, y):
         d = self.direction
@@ -121,6 +124,11 @@ class LoopConfig(NamedTuple):
     #: field: for a backward pass that needs the step functions and the
     #: derivative of the initial carry (the step size has none), not its value.
     initial_step: bool = True
+    #: True where the steps are differentiated in reverse mode (`ReverseMode`'s
+    #: loop, `CheckpointAdjoint`'s backward steps): a solver's loops inside a
+    #: step must then be fixed-length scans, which reverse mode can traverse;
+    #: elsewhere they may be `lax.while_loop`s, which stop when they are done.
+    reverse_steps: bool = False
 
 
 class _Core(NamedTuple):
@@ -300,7 +308,8 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
     s_start, s_end = s_save[0], s_save[-1]
     span = s_end - s_start
     valid_times = jnp.all(s_save[1:] > s_save[:-1])
-    problem = Problem(term, args, direction, rtol, atol, span=(s_start, s_end))
+    problem = Problem(term, args, direction, rtol, atol, span=(s_start, s_end),
+                      reverse_steps=config.reverse_steps)
     # Times the steps must land on (None for ODE solvers: no code is traced).
     breakpoints = solver.breakpoints(problem, s_start)
 

@@ -41,8 +41,8 @@ buffer, whatever their size (``produced``).
 
 Results agree with the ordinary loop to rounding (the single kernel may
 contract a multiply and an add differently). The loops that use it: the forward
-solve's (`_loop.run_while`: ODE, SDE and small implicit solves, without a dense
-history, whose initial buffers are too large to pack), and `CheckpointAdjoint`'s
+solve's (`_loop.run_while`: ODE, SDE, delay and small implicit solves, without a
+dense history, whose initial buffers are too large to pack), and `CheckpointAdjoint`'s
 loop of steps alone, forward and backward.
 """
 from __future__ import annotations

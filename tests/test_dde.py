@@ -201,6 +201,30 @@ def test_delay_lotka_volterra_vs_reference():
     assert err <= 1e-6, err
 
 
+def test_stiff_delay_equation_with_an_implicit_solver():
+    # y' = -200 (y - cos t) + 0.5 y(t - 1): stiff, so Tsit5 at this tolerance
+    # fills a 128-step history within one lag (HISTORY_OVERFLOW) where
+    # Kvaerno5 takes about 220 steps; the Newton iteration, the Jacobian kept
+    # across steps (and the one to keep when a step is rejected) pass through
+    # the method of steps' loop of attempts.
+    lam, mu = 200.0, 0.5
+
+    def f(t, y, h, p):
+        return -p[0] * (y - jnp.cos(t)) + p[1] * h(t - 1.0)
+
+    ts = jnp.linspace(0.0, 4.0, 41)
+    term = nde.DDETerm(f, lambda s, p: jnp.ones(()), (1.0,))
+    sol = nde.solve(term, nde.MethodOfSteps(nde.Kvaerno5()), jnp.ones(()), ts, args=jnp.array([lam, mu]),
+                    rtol=1e-8, atol=1e-8)
+    assert int(sol.status) == 0 and int(sol.stats["num_steps"]) < 400, sol.stats
+    assert int(sol.stats["num_newton_iters"]) > 0
+    grid, ref = rk4_method_of_steps(lambda t, y, past: -lam * (y - np.cos(t)) + mu * past, lambda s: np.ones(1),
+                                    np.ones(1), 1.0, 4.0, 2000)
+    ref_at = ref[np.round(np.asarray(ts) * 2000).astype(int), 0]
+    err = np.max(np.abs(np.asarray(sol.ys) - ref_at))
+    assert err <= 1e-6, err
+
+
 # ------------------------------------------------------------ Mackey-Glass
 
 

@@ -329,6 +329,28 @@ def test_sde_loop_is_marked_and_agrees(solver, monkeypatch):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the mark is for XLA:CPU")
+def test_delay_loop_is_marked_and_agrees(monkeypatch):
+    # Delay Lotka-Volterra with a lag (0.1) shorter than most steps: the
+    # history lookups, and the loop of attempts that corrects a step which
+    # reads inside itself, all in one kernel.
+    def delay_lv(t, u, h, p):
+        return jnp.stack([(p[0] - p[1] * u[1]) * h(t - 0.1)[0], (p[2] * u[0] - p[3]) * u[1]])
+
+    def f(p):
+        term = nde.DDETerm(delay_lv, lambda s, p: jnp.ones(2), (0.1,))
+        sol = nde.solve(term, nde.MethodOfSteps(nde.Tsit5()), jnp.ones(2), TS, args=p, rtol=1e-8, atol=1e-8)
+        return sol.ys, sol.stats["num_steps"], sol.stats["num_fixed_point_iters"]
+
+    p = jnp.array([2.2, 1.0, 2.0, 0.4])
+    marked, text = _compiled(f, (p,), monkeypatch, True)
+    plain, plain_text = _compiled(f, (p,), monkeypatch, False)
+    assert MARK in text and MARK not in plain_text
+    (ys, steps, iters), (ys0, steps0, iters0) = marked(p), plain(p)
+    assert int(iters) > 0 and (int(steps), int(iters)) == (int(steps0), int(iters0))
+    np.testing.assert_allclose(np.asarray(ys), np.asarray(ys0), rtol=1e-12)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the mark is for XLA:CPU")
 def test_small_implicit_solve_is_marked_and_agrees(monkeypatch):
     # Kvaerno5 on ROBER (3 equations): the Newton matrix's LU is unrolled, so
     # the whole loop, Newton iterations included, is one kernel.

@@ -138,7 +138,7 @@ class CheckpointAdjoint(AbstractSensitivity):
             ct_out = jtu.tree_map(instantiate_zero, ct_out, is_leaf=is_symbolic_zero)
             # The backward pass reads the step functions, not the initial
             # carry's values (its first checkpoint holds them).
-            steps_program = lambda dd: _steps_view(program(dd, initial_step=False))  # noqa: E731
+            steps_program = lambda dd: _steps_view(program(dd, initial_step=False, reverse_steps=True))  # noqa: E731
             prog = steps_program(res[0])
             return _bwd_steps(steps_program, prog, res, ct_out, plan(prog)[1],
                               seen["mask"] if seen["const_times"] else None)

@@ -23,4 +23,4 @@ class ReverseMode(AbstractSensitivity):
     """
 
     def run(self, build, inputs):
-        return build(inputs).run_bounded()
+        return build(inputs, reverse_steps=True).run_bounded()

@@ -251,40 +251,51 @@ class MethodOfSteps(AbstractSolver):
         y_prev = _tree_where(has_prev, jtu.tree_map(lambda y: y[-1], y0s), y0)
         c_pred = _reexpand(y_prev, c_prev, a_prev, h_prev, t0, dt, y0)
 
-        first, info0 = attempt((t0, dt, y0, c_pred))
-        nfev0 = info0.nfev
-        zero_stats = tuple(jnp.zeros((), jnp.int32) for _ in self.solver.stat_names)
-        stats0 = tuple(jnp.asarray(s, jnp.int32) for s in info0.stats) or zero_stats
-        ok0 = jnp.asarray(True) if info0.ok is None else info0.ok
-
-        # Only a step longer than the smallest lag reads inside itself.
-        def corrected(_):
-            def body(carry, _):
-                out, converged, iters, nfev, stats, ok = carry
-
-                def again(_):
-                    new, info = attempt((t0, dt, y0, out[2]))
-                    change = jtu.tree_map(lambda a, b: a - b, new[0], out[0])
-                    # A convergence test only: no derivative (sqrt at a zero change has none).
-                    err = scaled_error(lax.stop_gradient(change), y0, new[0], problem.rtol, problem.atol)
-                    new_ok = jnp.asarray(True) if info.ok is None else info.ok
-                    new_stats = tuple(s + jnp.asarray(d, jnp.int32) for s, d in zip(stats, info.stats)) or stats
-                    return (new, (err <= self.fixed_point_tol) & new_ok, iters + 1,
-                            nfev + info.nfev, new_stats, new_ok)
-
-                return lax.cond(converged, lambda _: carry, again, None), None
-
-            init = (first, jnp.asarray(False), jnp.asarray(0, jnp.int32), jnp.asarray(nfev0, jnp.int32),
-                    stats0, ok0)
-            (out, converged, iters, nfev, stats, ok), _ = lax.scan(body, init, None,
-                                                                   length=self.max_fixed_point_iters)
-            return out, converged & ok, iters, nfev, stats
-
-        def plain(_):
-            return first, ok0, jnp.asarray(0, jnp.int32), jnp.asarray(nfev0, jnp.int32), stats0
-
+        # One loop of attempts: the first with the predictor, then corrections
+        # while the step reads inside itself (it is longer than the smallest
+        # lag) and has not converged. One traced copy of the wrapped step serves
+        # them all, in a `lax.while_loop`. Where the step is differentiated in
+        # reverse mode (`problem.reverse_steps`), the loop must be made of
+        # scans: the first attempt is then peeled off (a second copy), so that
+        # a step without corrections does not pay for the skipped iterations
+        # of a scan, which store (and in reverse mode read) their residuals.
         needs_fixed_point = lax.stop_gradient(dt) > min_lag
-        (y1, y_err, c1, new_inner), ok, iters, nfev, stats = lax.cond(needs_fixed_point, corrected, plain, None)
+        n_iters = self.max_fixed_point_iters + 1
+
+        def iteration(carry):
+            k, out, reject, _, iters, nfev, stats, _ = carry
+            first = k == 0
+            new, info = attempt((t0, dt, y0, _tree_where(first, c_pred, out[2])))
+            change = jtu.tree_map(lambda a, b: a - b, new[0], out[0])
+            # A convergence test only: no derivative (sqrt at a zero change has none).
+            err = scaled_error(lax.stop_gradient(change), y0, new[0], problem.rtol, problem.atol)
+            ok = jnp.asarray(True) if info.ok is None else jnp.asarray(info.ok)
+            done = jnp.where(first, ~needs_fixed_point, err <= self.fixed_point_tol) & ok
+            stats = tuple(s + jnp.asarray(d, jnp.int32) for s, d in zip(stats, info.stats))
+            if info.reject_state is not None:  # the state to keep if the step is rejected: the first attempt's
+                reject = _tree_where(first, info.reject_state, reject)
+            return (k + 1, new, reject, done, iters + jnp.where(first, 0, 1).astype(jnp.int32),
+                    nfev + jnp.asarray(info.nfev, jnp.int32), stats, ok)
+
+        def unfinished(carry):
+            return ~carry[3] & (carry[0] < n_iters)
+
+        int0 = jnp.asarray(0, jnp.int32)
+        # Placeholders of the attempt's outputs, overwritten by the first.
+        placeholder = jtu.tree_map(lambda x: jnp.zeros(x.shape, x.dtype),
+                                   jax.eval_shape(lambda: attempt((t0, dt, y0, c_pred))[0]))
+        init = (int0, placeholder, inner_state, jnp.asarray(False), int0, int0,
+                tuple(int0 for _ in self.solver.stat_names), jnp.asarray(True))
+        if getattr(problem, "reverse_steps", False):
+            from .._loop import bounded_while_loop
+
+            carry = iteration(init)
+            carry = lax.cond(unfinished(carry), lambda c: bounded_while_loop(unfinished, iteration, c, n_iters - 1),
+                             lambda c: c, carry)
+        else:
+            carry = lax.while_loop(unfinished, iteration, init)
+        _, (y1, y_err, c1, new_inner), reject_inner, converged, iters, nfev, stats, ok = carry
+        ok = converged & ok
 
         # Append the step; the oldest slot drops out. If that step may still be
         # read (it ends after t1 - max(lags)), the buffer is too short.
@@ -295,7 +306,6 @@ class MethodOfSteps(AbstractSolver):
             t_start, push(bt0, t0), push(bt1, t1),
             jtu.tree_map(push, y0s, y0), jtu.tree_map(push, coeffs, c1),
         )
-        reject_inner = inner_state if info0.reject_state is None else info0.reject_state
         info = StepInfo(
             nfev=nfev,
             ok=ok,
@@ -313,9 +323,11 @@ def _reexpand(y_prev, c_prev, a_prev, h_prev, t0, dt, y0):
     (extrapolation of the previous step into the current one), found by
     sampling it at ``degree`` points."""
     degree = jtu.tree_leaves(c_prev)[0].shape[0]
-    thetas = jnp.arange(1, degree + 1, dtype=jnp.result_type(t0)) / degree
-    # Values at t0 + theta dt minus y0, then solve the Vandermonde system.
-    vander = thetas[:, None] ** jnp.arange(1, degree + 1)[None, :]
+    # Values at t0 + theta dt minus y0 for theta = 1/degree ... 1, then the
+    # Vandermonde system, whose inverse is a constant (computed here in float64).
+    thetas_np = np.arange(1, degree + 1) / degree
+    inverse_np = np.linalg.inv(thetas_np[:, None] ** np.arange(1, degree + 1)[None, :])
+    thetas = jnp.asarray(thetas_np, jnp.result_type(t0))
 
     def values(theta):
         return evaluate_polynomial(y_prev, c_prev, (t0 + theta * dt - a_prev) / h_prev)
@@ -324,7 +336,10 @@ def _reexpand(y_prev, c_prev, a_prev, h_prev, t0, dt, y0):
 
     def leaf(v, y):
         rhs = (v - y[None]).reshape(degree, -1)
-        sol = jnp.linalg.solve(vander.astype(rhs.dtype), rhs)
+        # (Written out as broadcast products, not a matrix product, which
+        # would keep the loop from compiling as one kernel: `_single_kernel`.)
+        inverse = jnp.asarray(inverse_np, rhs.dtype)
+        sol = sum(inverse[:, j, None] * rhs[j] for j in range(degree))
         return sol.reshape((degree,) + y.shape)
 
     return jtu.tree_map(leaf, samples, y0)
