@@ -225,6 +225,26 @@ def test_stiff_delay_equation_with_an_implicit_solver():
     assert err <= 1e-6, err
 
 
+def test_breakpoints_are_every_sum_of_lags_sorted():
+    # t0 plus every sum of 1 .. order + 1 lags (with repetition), ascending,
+    # ties kept (sorted by ranks, not `sort`: see `_sort_small`); and their
+    # derivative with respect to a lag is the count of that lag in the sum.
+    import itertools
+
+    solver = nde.MethodOfSteps(nde.Tsit5())  # order 5: sums of up to 6 lags
+
+    def breakpoints(lags, t0):
+        term = nde.DDETerm(lambda t, y, h, a: y, lambda s, a: jnp.ones(()), lags)
+        return solver.breakpoints(type("Problem", (), {"term": term})(), jnp.asarray(t0))
+
+    lags = (0.3, 0.7, 0.6)
+    got = np.asarray(breakpoints(lags, 1.0))
+    sums = [sum(c) for k in range(1, 7) for c in itertools.combinations_with_replacement(lags, k)]
+    np.testing.assert_allclose(got, 1.0 + np.sort(sums), rtol=0, atol=1e-15)
+    jac = np.asarray(jax.jacobian(lambda l0: breakpoints((l0, 0.7, 0.6), 0.0))(jnp.asarray(0.3)))
+    assert jac[0] == 1.0 and jac[-1] == 0.0  # 0.3 itself; 6 x 0.7
+
+
 # ------------------------------------------------------------ Mackey-Glass
 
 

@@ -351,6 +351,31 @@ def test_delay_loop_is_marked_and_agrees(monkeypatch):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the mark is for XLA:CPU")
+def test_delay_checkpoint_adjoint_loops_are_marked(monkeypatch):
+    # The backward steps rebuild the breakpoints (sums of lags, sorted by
+    # ranks: a `sort` would keep the emitter off). With a history and step
+    # bound small enough that every step is checkpointed, both loops are
+    # marked (read off the lowered program: the mark is set when lowering).
+    # That these gradients are right is checked in test_dde.py, whose
+    # gradient fixture runs this path (RK4, against finite differences and
+    # ReverseMode).
+    def delay_lv(t, u, h, p):
+        return jnp.stack([(p[0] - p[1] * u[1]) * h(t - 0.1)[0], (p[2] * u[0] - p[3]) * u[1]])
+
+    def loss(p):
+        term = nde.DDETerm(delay_lv, lambda s, p: jnp.ones(2), (0.1, 0.25))
+        sol = nde.solve(term, nde.MethodOfSteps(nde.Tsit5(), max_history=16), jnp.ones(2), TS, args=p, rtol=1e-8,
+                        atol=1e-8, max_steps=256)
+        return jnp.sum((sol.ys - 1.0) ** 2)
+
+    monkeypatch.setenv("NEURALDE_SINGLE_KERNEL", "1")
+    jax.clear_caches()
+    text = jax.jit(jax.grad(loss)).lower(jnp.array([2.2, 1.0, 2.0, 0.4])).as_text()
+    assert "stablehlo.sort" not in text
+    assert text.count("xla_cpu_small_call") >= 2
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the mark is for XLA:CPU")
 def test_small_implicit_solve_is_marked_and_agrees(monkeypatch):
     # Kvaerno5 on ROBER (3 equations): the Newton matrix's LU is unrolled, so
     # the whole loop, Newton iterations included, is one kernel.

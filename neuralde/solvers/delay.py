@@ -210,7 +210,7 @@ class MethodOfSteps(AbstractSolver):
         for k in range(1, self.order + 2):
             for combo in itertools.combinations_with_replacement(range(len(lags)), k):
                 sums.append(sum(lags[i] for i in combo))
-        return jnp.sort(t0 + jnp.stack(sums).astype(jnp.result_type(t0)))
+        return _sort_small(t0 + jnp.stack(sums).astype(jnp.result_type(t0)))
 
     def init(self, problem, t0, y0):
         width = self.max_history
@@ -315,6 +315,18 @@ class MethodOfSteps(AbstractSolver):
             status=jnp.where(overflow, Status.HISTORY_OVERFLOW, Status.SUCCESS).astype(jnp.int32),
         )
         return y1, y_err, c1, (new_inner, new_buffer), info
+
+
+def _sort_small(x):
+    """``jnp.sort`` of a short vector by ranks: elementwise comparisons and sums
+    instead of a `sort`, which would keep a loop that reads the breakpoints
+    (`CheckpointAdjoint`'s backward steps) from compiling as one kernel
+    (`_single_kernel`). Ties keep their order; differentiable like `sort`."""
+    n = x.shape[0]
+    i = jnp.arange(n)
+    before = (x[None, :] < x[:, None]) | ((x[None, :] == x[:, None]) & (i[None, :] < i[:, None]))
+    rank = jnp.sum(before, axis=1)
+    return jnp.sum(jnp.where(rank[None, :] == i[:, None], x[None, :], 0), axis=1)
 
 
 def _reexpand(y_prev, c_prev, a_prev, h_prev, t0, dt, y0):
