@@ -271,7 +271,7 @@ class MethodOfSteps(AbstractSolver):
             err = scaled_error(lax.stop_gradient(change), y0, new[0], problem.rtol, problem.atol)
             ok = jnp.asarray(True) if info.ok is None else jnp.asarray(info.ok)
             done = jnp.where(first, ~needs_fixed_point, err <= self.fixed_point_tol) & ok
-            stats = tuple(s + jnp.asarray(d, jnp.int32) for s, d in zip(stats, info.stats))
+            stats = tuple(s + jnp.asarray(d, jnp.int32) for s, d in zip(stats, info.stats)) or stats
             if info.reject_state is not None:  # the state to keep if the step is rejected: the first attempt's
                 reject = _tree_where(first, info.reject_state, reject)
             return (k + 1, new, reject, done, iters + jnp.where(first, 0, 1).astype(jnp.int32),
