@@ -61,19 +61,17 @@ class DelayedMLP(eqx.Module):
 def cases_for(nde, label):
     cases = []
 
-    def lv_solve(p, sensitivity=None, **solver_kw):
+    def lv_solve(p, sensitivity=None, max_history=128, max_steps=4096):
         term = nde.DDETerm(delay_lv, lambda s, p: jnp.ones(2), (0.1,))
-        max_steps = solver_kw.pop("max_steps", 4096)
-        return nde.solve(term, nde.MethodOfSteps(nde.Tsit5(), **solver_kw), jnp.ones(2), TS_LV, args=p,
-                         rtol=1e-6, atol=1e-6, max_steps=max_steps, sensitivity=sensitivity)
+        return nde.solve(term, nde.MethodOfSteps(nde.Tsit5(), max_history=max_history), jnp.ones(2), TS_LV,
+                         args=p, rtol=1e-6, atol=1e-6, max_steps=max_steps, sensitivity=sensitivity)
 
     fwd = jax.jit(lambda p: lv_solve(p).ys)
     cases.append(H.Case(f"{label} LV solve", lambda: fwd(P_LV)))
-    for name, sens, kw in (("CheckpointAdjoint", None, {}), ("ReverseMode", nde.ReverseMode(), {}),
-                           ("small CheckpointAdjoint", None, {"max_history": 16, "max_steps": 256})):
-        grad = jax.jit(jax.grad(lambda p, s=sens, kw=kw: jnp.sum((lv_solve(p, s, **kw).ys - 1.0) ** 2)))
-        title = f"{label} LV{' small' if kw else ''} grad {name.replace('small ', '')}"
-        cases.append(H.Case(title, lambda g=grad: g(P_LV)))
+    for title, sens, sizes in (("LV grad CheckpointAdjoint", None, {}), ("LV grad ReverseMode", nde.ReverseMode(), {}),
+                               ("LV small grad CheckpointAdjoint", None, {"max_history": 16, "max_steps": 256})):
+        grad = jax.jit(jax.grad(lambda p, s=sens, kw=sizes: jnp.sum((lv_solve(p, s, **kw).ys - 1.0) ** 2)))
+        cases.append(H.Case(f"{label} {title}", lambda g=grad: g(P_LV)))
 
     field = DelayedMLP(eqx.nn.MLP(4, 2, 32, 2, activation=jnp.tanh, key=jr.PRNGKey(0), dtype=jnp.float32))
     params, static = eqx.partition(field, eqx.is_array)

@@ -263,19 +263,19 @@ class MethodOfSteps(AbstractSolver):
         n_iters = self.max_fixed_point_iters + 1
 
         def iteration(carry):
-            k, out, reject, _, iters, nfev, stats, _ = carry
+            k, out, reject, _, nfev, stats = carry
             first = k == 0
             new, info = attempt((t0, dt, y0, _tree_where(first, c_pred, out[2])))
             change = jtu.tree_map(lambda a, b: a - b, new[0], out[0])
             # A convergence test only: no derivative (sqrt at a zero change has none).
             err = scaled_error(lax.stop_gradient(change), y0, new[0], problem.rtol, problem.atol)
-            ok = jnp.asarray(True) if info.ok is None else jnp.asarray(info.ok)
-            done = jnp.where(first, ~needs_fixed_point, err <= self.fixed_point_tol) & ok
+            done = jnp.where(first, ~needs_fixed_point, err <= self.fixed_point_tol)
+            if info.ok is not None:  # an attempt that failed (Newton) ends the loop unconverged
+                done = done & info.ok
             stats = tuple(s + jnp.asarray(d, jnp.int32) for s, d in zip(stats, info.stats)) or stats
             if info.reject_state is not None:  # the state to keep if the step is rejected: the first attempt's
                 reject = _tree_where(first, info.reject_state, reject)
-            return (k + 1, new, reject, done, iters + jnp.where(first, 0, 1).astype(jnp.int32),
-                    nfev + jnp.asarray(info.nfev, jnp.int32), stats, ok)
+            return k + 1, new, reject, done, nfev + jnp.asarray(info.nfev, jnp.int32), stats
 
         def unfinished(carry):
             return ~carry[3] & (carry[0] < n_iters)
@@ -284,18 +284,21 @@ class MethodOfSteps(AbstractSolver):
         # Placeholders of the attempt's outputs, overwritten by the first.
         placeholder = jtu.tree_map(lambda x: jnp.zeros(x.shape, x.dtype),
                                    jax.eval_shape(lambda: attempt((t0, dt, y0, c_pred))[0]))
-        init = (int0, placeholder, inner_state, jnp.asarray(False), int0, int0,
-                tuple(int0 for _ in self.solver.stat_names), jnp.asarray(True))
-        if getattr(problem, "reverse_steps", False):
-            from .._loop import bounded_while_loop
+        init = (int0, placeholder, inner_state, jnp.asarray(False), int0,
+                tuple(int0 for _ in self.solver.stat_names))
+        if problem.reverse_steps:
+            from .._loop import bounded_while_loop  # (here: `_loop` imports the solvers' package)
 
             carry = iteration(init)
             carry = lax.cond(unfinished(carry), lambda c: bounded_while_loop(unfinished, iteration, c, n_iters - 1),
                              lambda c: c, carry)
         else:
             carry = lax.while_loop(unfinished, iteration, init)
-        _, (y1, y_err, c1, new_inner), reject_inner, converged, iters, nfev, stats, ok = carry
-        ok = converged & ok
+        # The last attempt's ``done`` is the step's ``ok`` (converged, and that
+        # attempt's own check passed); ``attempts - 1`` corrections followed
+        # the first attempt.
+        attempts, (y1, y_err, c1, new_inner), reject_inner, ok, nfev, stats = carry
+        iters = attempts - 1
 
         # Append the step; the oldest slot drops out. If that step may still be
         # read (it ends after t1 - max(lags)), the buffer is too short.
