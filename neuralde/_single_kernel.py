@@ -17,10 +17,13 @@ a list of elementwise, shape and control-flow operations, matrix-vector
 products only and no float reduction of more than 2048 elements (XLA:CPU hands
 matrix-matrix products and larger reductions to its YNNPACK library fusion,
 which that emitter does not implement), and no array above a size bound (there
-the per-kernel cost no longer matters, and XLA's library kernels are faster).
-Products that contract nothing (outer products: the weights' cotangent of a
-dense layer applied to a vector) are written as broadcast multiplies inside
-the call (`_small_dot_p`). Anywhere else the call is an ordinary one.
+the per-kernel cost no longer matters, and XLA's library kernels are faster),
+except for arrays that are only written row by row and carried (a checkpoint
+buffer), which may be larger. Products that contract nothing (outer products:
+the weights' cotangent of a dense layer applied to a vector) are written as
+broadcast multiplies inside the call, and small matrix-matrix products as
+matrix-vector or outer products (`_small_dot_p`). Anywhere else the call is an
+ordinary one.
 ``NEURALDE_SINGLE_KERNEL=0`` in the environment turns the mark off.
 
 The call takes its inputs as one buffer (`_Packing`). The emitter aborts the
@@ -37,7 +40,9 @@ embeds it; a larger buffer is first made a run-time value (`_runtime_value`:
 its first element passed through a comparison with a random draw, which XLA
 can neither fold nor prove; one draw per call). Arrays that a previous loop
 produced (a checkpoint buffer) are never constants and are passed beside the
-buffer, whatever their size (``produced``).
+buffer, whatever their size (``produced``); each keeps a use inside the call
+that XLA cannot remove (`_anchored`), since a parameter left without one aborts
+the emitter too.
 
 Results agree with the ordinary loop to rounding (the single kernel may
 contract a multiply and an add differently). The loops that use it: the forward
@@ -82,6 +87,22 @@ _ALLOWED = frozenset(
 # a product larger than _MAX_MATRIX: beyond them XLA's own kernels win.
 _MAX_ELEMENTS = 1 << 16
 _MAX_MATRIX = 4096
+# Operations that only fill, write into or pass on an array (a checkpoint
+# buffer: zeroed once, written a row per step, carried by the loops and calls)
+# may hold arrays up to _MAX_BUFFER elements: past the zero fill they cost the
+# rows they touch, not the array. (W3's every-step buffer holds 4096 steps of
+# a 20 x 2 state, 163840 elements, and as many of its FSAL derivative.)
+_MOVES = frozenset({"stablehlo.dynamic_update_slice", "stablehlo.broadcast_in_dim", "stablehlo.while",
+                    "stablehlo.return", "func.call", "func.return", "stablehlo.optimization_barrier"})
+_MAX_BUFFER = 1 << 22
+# A matrix-matrix product of at most _MAX_SPLIT_WORK multiply-adds with at
+# most _MAX_SPLIT rows or columns on one side, or that many terms summed, is
+# split into matrix-vector or outer products. Larger ones are left to XLA's
+# library kernels (W4's 256 rows through 64-wide layers: its 64 x 64 layer
+# keeps the call from being one kernel in any case, and split products there
+# would only add kernels).
+_MAX_SPLIT = 4
+_MAX_SPLIT_WORK = 1 << 14
 # The packed inputs, in bytes: XLA:CPU embeds a constant of up to 10000 bytes
 # (`CpuInstructionFusion::GetLargeConstantThresholdBytes`) as a global, which
 # the emitter handles as an operand of the call even where its uses inside were
@@ -151,8 +172,12 @@ def _call(jaxpr, n_consts, outside, ins):
         return jax.core.eval_jaxpr(jaxpr, xs[:n_consts], *xs[n_consts:])
 
     packed_ins = [x for i, x in enumerate(ins) if i not in outside]
+    # With inputs passed beside the buffer, the buffer also carries a flag
+    # that is always true but drawn at run time (see `_anchored`).
+    flagged = bool(outside)
     try:
-        packing = _Packing([(jnp.result_type(x), jnp.shape(x)) for x in packed_ins])
+        packing = _Packing([(jnp.result_type(x), jnp.shape(x)) for x in packed_ins]
+                           + ([(jnp.dtype(bool), ())] if flagged else []))
     except TypeError:  # a dtype the buffer does not carry (complex, a PRNG key)
         packing = None
     if packing is None or packing.size > _MAX_ELEMENTS:
@@ -160,13 +185,16 @@ def _call(jaxpr, n_consts, outside, ins):
     inner = _eval_small_dots if _has_dots(jaxpr) else jax.core.eval_jaxpr
 
     def call(buffer, *passed):
-        values = iter(packing.unpack(buffer))
-        passed = iter(passed)
-        flat = [next(passed) if i in outside else next(values) for i in range(len(ins))]
-        return inner(jaxpr, flat[:n_consts], *flat[n_consts:])
+        values = packing.unpack(buffer)
+        flag = values.pop() if flagged else None
+        values, rest = iter(values), iter(passed)
+        flat = [next(rest) if i in outside else next(values) for i in range(len(ins))]
+        outs = inner(jaxpr, flat[:n_consts], *flat[n_consts:])
+        return _anchored(outs, passed, flag) if flagged else outs
 
     def packed_call(*xs):
-        buffer = _runtime_p.bind(packing.pack([x for i, x in enumerate(xs) if i not in outside]))
+        flag = [jax.lax.rng_uniform(np.float32(0), np.float32(1), ()) < 2] if flagged else []
+        buffer = _runtime_p.bind(packing.pack([x for i, x in enumerate(xs) if i not in outside] + flag))
         return _tag_p.bind(*jax.jit(call)(buffer, *[xs[i] for i in sorted(outside)]))
 
     packed = jax.custom_batching.custom_vmap(packed_call)
@@ -185,6 +213,28 @@ def _call(jaxpr, n_consts, outside, ins):
         return outs, [True] * len(outs)
 
     return packed(*ins)
+
+
+def _anchored(outs, passed, flag):
+    """``outs`` with a use of every array in ``passed`` that XLA cannot
+    remove: the first output where ``flag`` (always true, drawn at run time),
+    else the sum of the arrays' first elements.
+
+    The single-kernel emitter aborts the process on a parameter of the call
+    that has lost every use ("All or none of the slices should have an
+    explicit index", `IrEmitter::EmitGlobalBufferPointer`). An input passed
+    beside the buffer (a checkpoint buffer) can lose its uses inside: a part of
+    the carry that the backward step reads only in a branch that does not need
+    it (an SDE's Brownian cache) is pruned by XLA's passes, and the loop then
+    drops it."""
+    parts = [x[(0,) * x.ndim].astype(jnp.float32) for x in passed
+             if x.size and x.dtype != jax.dtypes.float0]
+    outs = list(outs)
+    for k, out in enumerate(outs):
+        if parts and out.size and out.dtype != jax.dtypes.float0:
+            outs[k] = jnp.where(flag, out, sum(parts).astype(out.dtype))
+            break
+    return outs
 
 
 class _Packing:
@@ -294,7 +344,8 @@ def _eligible(symbol_table, name, seen) -> bool:
                 return False
         elif kind not in _ALLOWED:
             return False
-        if any(_elements(r.type) > _MAX_ELEMENTS for r in op.results):
+        bound = _MAX_BUFFER if kind in _MOVES else _MAX_ELEMENTS
+        if any(_elements(r.type) > bound for r in op.results):
             return False
         if kind == "func.call" and not _eligible(symbol_table, op.attributes["callee"].value, seen):
             return False
@@ -379,19 +430,28 @@ mlir.register_lowering(_runtime_p, lambda ctx, x: [x])
 mlir.register_lowering(_runtime_p, _runtime_lowering_cpu, platform="cpu", cacheable=False)
 
 
-# --- outer products ----------------------------------------------------------
+# --- outer and split products -----------------------------------------------
 #
 # The single-kernel emitter handles matrix-vector products but not the library
-# fusion XLA:CPU makes of a matrix-matrix one. The gradient of a vector state
-# through a dense layer has one: the weights' cotangent is the outer product of
-# the layer's input and output cotangents, a `dot_general` that contracts
-# nothing. Inside a `single_kernel` call every `dot_general` becomes
-# `_small_dot_p`, the same product, which for XLA:CPU is lowered, when it
-# contracts nothing and is within the element bound, as a broadcast multiply,
-# and otherwise as the `dot_general` it was. The choice is made when lowering,
-# on the final shapes (after `jax.vmap`). (Products that sum, written as a
-# multiply and a reduction, compile as one kernel too, but measured slower than
-# XLA's separate kernels: W3's forward solve 94 against 54 us.)
+# fusion XLA:CPU makes of a matrix-matrix one. A neural field has them: the
+# gradient of a vector state through a dense layer (the weights' cotangent is
+# the outer product of the layer's input and output cotangents, a `dot_general`
+# that contracts nothing), and any field on a batch held as one state (W3: 20
+# states in 2-D through a 2-50-2 MLP). Inside a `single_kernel` call every
+# `dot_general` becomes `_small_dot_p`, the same product, which for XLA:CPU is
+# lowered
+# - when it contracts nothing and is within the element bound, as a broadcast
+#   multiply;
+# - when it is a small matrix-matrix product (at most _MAX_SPLIT_WORK
+#   multiply-adds, no batch axes) with at most _MAX_SPLIT rows or columns on
+#   one side, as one matrix-vector product per row or column, and with at most
+#   _MAX_SPLIT terms summed, as that many broadcast multiplies added;
+# - otherwise as the `dot_general` it was.
+# The choice is made when lowering, on the final shapes (after `jax.vmap`).
+# (Products that sum, written as one multiply and a `reduce`, also compile as
+# one kernel, but the emitter's reduction is slow: W3's forward solve took 94
+# against 54 us in XLA's separate kernels. Split, W3's training step went from
+# 0.60 to 0.39 ms.)
 
 _small_dot_p = Primitive("neuralde_small_dot")
 
@@ -458,10 +518,46 @@ def _outer_product(x, y, *, dimension_numbers, preferred_element_type, **_):
     return (xm * ym).reshape(*batch, *x_free, *y_free)
 
 
+def _as_matrices(x, y, dimension_numbers):
+    """``x`` as ``(M, K)`` and ``y`` as ``(K, N)`` (a product without batch
+    axes), and the shape of the product."""
+    (xc, yc), _ = dimension_numbers
+    _, x_free, y_free, _ = _product_shape(x.shape, y.shape, dimension_numbers)
+    x_rest = [i for i in range(x.ndim) if i not in xc]
+    y_rest = [i for i in range(y.ndim) if i not in yc]
+    k = math.prod(x.shape[i] for i in xc)
+    xm = jax.lax.transpose(x, (*x_rest, *xc)).reshape(math.prod(x_free), k)
+    ym = jax.lax.transpose(y, (*yc, *y_rest)).reshape(k, math.prod(y_free))
+    return xm, ym, (*x_free, *y_free)
+
+
+def _split_product(x, y, *, dimension_numbers, preferred_element_type, **_):
+    """A small matrix-matrix product (no batch axes) as products the
+    single-kernel emitter handles: where one side has at most _MAX_SPLIT
+    columns, one matrix-vector product per column; where at most _MAX_SPLIT
+    terms are summed, that many outer products (broadcast multiplies) added."""
+    dtype = preferred_element_type or jnp.result_type(x, y)
+    xm, ym, shape = _as_matrices(x.astype(dtype), y.astype(dtype), dimension_numbers)
+    (m, k), n = xm.shape, ym.shape[1]
+    if n <= _MAX_SPLIT and n <= m:
+        out = jnp.stack([xm @ ym[:, j] for j in range(n)], axis=1)
+    elif m <= _MAX_SPLIT:
+        out = jnp.stack([xm[i] @ ym for i in range(m)], axis=0)
+    else:
+        out = xm[:, 0:1] * ym[0:1, :]
+        for j in range(1, k):
+            out = out + xm[:, j:j + 1] * ym[j:j + 1, :]
+    return out.reshape(shape)
+
+
 def _small_dot_cpu(x, y, **params):
     batch, x_free, y_free, contracted = _product_shape(x.shape, y.shape, params["dimension_numbers"])
-    if math.prod(contracted) == 1 and math.prod(batch + x_free + y_free) <= _MAX_ELEMENTS:
+    m, n, k = math.prod(x_free), math.prod(y_free), math.prod(contracted)
+    if k == 1 and math.prod(batch + x_free + y_free) <= _MAX_ELEMENTS:
         return _outer_product(x, y, **params)
+    if (not batch and min(m, n) > 1 and (min(m, n) <= _MAX_SPLIT or k <= _MAX_SPLIT)
+            and m * n * k <= _MAX_SPLIT_WORK):
+        return _split_product(x, y, **params)
     return _dot(x, y, **params)
 
 

@@ -9,6 +9,8 @@ loop). Which loops get it is read off the compiled program.
 """
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,12 +80,52 @@ def test_matrix_vector_products_are_marked_and_agree(monkeypatch):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the mark is for XLA:CPU")
+@pytest.mark.parametrize("mode", ["batch as one state", "vmap"])
+def test_small_matrix_products_are_split_marked_and_agree(mode, monkeypatch):
+    # A batch of 5 states in 2-D through a 2-16-2 MLP (W3's shape, smaller):
+    # its products are matrix-matrix ([5, 2] @ [2, 16]: 2 terms summed;
+    # [5, 16] @ [16, 2]: 2 columns; backward, [2, 5] @ [5, 16]: 2 rows). Inside
+    # the marked calls they are split into outer and matrix-vector products,
+    # and both CheckpointAdjoint loops (and the forward solve) are one kernel.
+    # (Under `vmap` the gradient's loops index the saves per lane -- a gather
+    # and a scatter, which the emitter does not take -- so there only the
+    # forward solve is one kernel, and the gradient is checked for agreement.)
+    params = _mlp([2, 16, 2], key=4)
+    y0 = jnp.asarray(np.random.default_rng(5).normal(size=(5, 2)))
+
+    def solve(p, y):
+        return nde.solve(nde.ODETerm(_mlp_field), nde.Tsit5(), y, TS[:11], args=p, rtol=1e-8, atol=1e-8).ys
+
+    def loss(p):
+        ys = jax.vmap(solve, in_axes=(None, 0))(p, y0) if mode == "vmap" else solve(p, y0)
+        return jnp.sum(ys ** 2)
+
+    for f, calls in ((loss, 1), (jax.grad(loss), 0 if mode == "vmap" else 2)):
+        marked, text = _compiled(f, (params,), monkeypatch, True)
+        plain, plain_text = _compiled(f, (params,), monkeypatch, False)
+        assert MARK not in plain_text
+        if calls:
+            assert _marked_calls(text) >= calls
+        x, y = jax.tree_util.tree_leaves(marked(params)), jax.tree_util.tree_leaves(plain(params))
+        scale = max(float(np.max(np.abs(b))) for b in y)
+        for a, b in zip(x, y):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-11, atol=1e-11 * scale)
+    # and the gradient is the exact one of the steps taken: central differences
+    w = params[0][0]
+    eps = 1e-6
+    shifted = lambda d: [(w.at[1, 7].add(d), params[0][1]), params[1]]  # noqa: E731
+    fd = (loss(shifted(eps)) - loss(shifted(-eps))) / (2 * eps)
+    np.testing.assert_allclose(float(x[0][1, 7]), float(fd), rtol=1e-6)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the mark is for XLA:CPU")
 @pytest.mark.parametrize("case", ["matrix-matrix", "lu", "large state", "vmap-matmul"])
 def test_loops_the_emitter_cannot_take_are_not_marked(case, monkeypatch):
     if case == "matrix-matrix":
-        # A state that is a matrix: the vector field is a matrix-matrix product.
-        a = jnp.array([[0.0, 1.0], [-1.0, -0.1]])
-        f, operands = _solve(field=lambda t, y, a: a @ y, y0=jnp.eye(2), args=a)
+        # A state that is a matrix: the vector field is a matrix-matrix product
+        # (8 x 8 x 8: too wide on every side to be split, see below).
+        a = jnp.asarray(np.random.default_rng(0).normal(size=(8, 8))) / 8 - jnp.eye(8)
+        f, operands = _solve(field=lambda t, y, a: a @ y, y0=jnp.eye(8), args=a)
     elif case == "lu":
         # An implicit solver on more than 8 equations factorises its Newton
         # matrix with a library call (LAPACK's getrf); on up to 8, unrolled.
@@ -95,10 +137,11 @@ def test_loops_the_emitter_cannot_take_are_not_marked(case, monkeypatch):
         # not implement (marked, the program fails to compile).
         f, operands = _solve(field=lambda t, y, a: -a * y, y0=jnp.linspace(1.0, 2.0, 4096), args=jnp.asarray(0.5))
     else:
-        # Under `jax.vmap` a matrix-vector product becomes a matrix-matrix one.
-        w = jnp.linspace(-1.0, 1.0, 4).reshape(2, 2)
-        g, _ = _solve(field=lambda t, y, w: jnp.tanh(y @ w), args=w)
-        f, operands = jax.vmap(g, in_axes=(0, None)), (jnp.ones((3, 2)), w)
+        # Under `jax.vmap` a matrix-vector product becomes a matrix-matrix one
+        # (8 lanes of an 8 x 8 product: not split).
+        w = jnp.linspace(-1.0, 1.0, 64).reshape(8, 8) / 8
+        g, _ = _solve(field=lambda t, y, w: jnp.tanh(y @ w), y0=jnp.ones(8), args=w)
+        f, operands = jax.vmap(g, in_axes=(0, None)), (jnp.ones((8, 8)), w)
     _, text = _compiled(f, operands, monkeypatch, True)
     assert MARK not in text
     # and the solve runs
@@ -268,7 +311,14 @@ def test_small_dot_rules_match_dot_general():
                lambda f: jax.jit(jax.hessian(lambda a: jnp.sum(jnp.tanh(f(a, y)))))(x)):
         for a, b in zip(jax.tree_util.tree_leaves(fn(small)), jax.tree_util.tree_leaves(fn(ref))):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-13, atol=1e-13)
-    # lowered for the CPU: an outer product (nothing contracted) as a multiply
+    # lowered for the CPU: small matrix-matrix products split into outer or
+    # matrix-vector products (by rows, by columns, by terms summed), exactly
+    for shape_x, shape_y in (((3, 6), (6, 5)), ((6, 5), (5, 2)), ((6, 2), (2, 7))):
+        a, b = jnp.asarray(rng.normal(size=shape_x)), jnp.asarray(rng.normal(size=shape_y))
+        lowered = [line for line in jax.jit(small).lower(a, b).as_text().splitlines() if "dot_general" in line]
+        assert not any(re.search(r"\(tensor<\d+x\d+xf64>, tensor<\d+x\d+xf64>\)", line) for line in lowered)
+        np.testing.assert_allclose(np.asarray(jax.jit(small)(a, b)), np.asarray(a) @ np.asarray(b), rtol=1e-13)
+    # an outer product (nothing contracted) as a multiply
     outer = dict(dims, dimension_numbers=(((), ()), ((), ())))
     u, v = x[0], y[:, 0]
     text = jax.jit(lambda a, b: _small_dot_p.bind(a, b, **outer)).lower(u, v).as_text()
@@ -326,6 +376,39 @@ def test_sde_loop_is_marked_and_agrees(solver, monkeypatch):
     assert MARK in text and MARK not in plain_text
     x, y = np.asarray(marked(*operands)), np.asarray(plain(*operands))
     np.testing.assert_allclose(x, y, rtol=8 * np.finfo(np.float64).eps, atol=1e-15)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the mark is for XLA:CPU")
+def test_sde_checkpoint_gradient_is_marked_and_agrees(monkeypatch):
+    # Regression: the backward loop of an SDE gradient, its checkpoints passed
+    # beside the packed inputs. XLA prunes the parts of the carry the backward
+    # step does not read, the loop drops them, and the emitter aborted the
+    # process on the call's parameter left without a use (here max_steps=512;
+    # the default 4096 was then over the size bound, and not marked; fixed or
+    # adaptive steps alike). The call now holds a use of every such input that
+    # XLA cannot remove.
+    term = nde.SDETerm(lambda t, y, a: a * y * (1.0 - y), lambda t, y, a: 0.3 * y)
+    ts = jnp.linspace(0.0, 1.0, 3)
+
+    def loss(a, key, sensitivity=nde.CheckpointAdjoint()):
+        sol = nde.solve(term, nde.SRIW1(), jnp.array([0.3]), ts, args=a, key=key, dt0=0.01, adaptive=False,
+                        max_steps=512, sensitivity=sensitivity)
+        return jnp.sum(sol.ys[-1] ** 2)
+
+    f = jax.grad(loss)
+    operands = (jnp.asarray(1.5), jax.random.key(3))
+    marked, text = _compiled(f, operands, monkeypatch, True)
+    plain, plain_text = _compiled(f, operands, monkeypatch, False)
+    assert _marked_calls(text) >= 2 and MARK not in plain_text
+    g, g0 = float(marked(*operands)), float(plain(*operands))
+    np.testing.assert_allclose(g, g0, rtol=1e-10)
+    # and it is the gradient of this path: reverse mode through the solver, and
+    # central differences (fixed steps: the same increments on both sides)
+    ref = float(jax.jit(jax.grad(lambda a, k: loss(a, k, nde.ReverseMode())))(*operands))
+    np.testing.assert_allclose(g, ref, rtol=1e-12)
+    eps = 1e-6
+    fd = (loss(1.5 + eps, operands[1]) - loss(1.5 - eps, operands[1])) / (2 * eps)
+    np.testing.assert_allclose(g, float(fd), rtol=1e-7)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the mark is for XLA:CPU")
