@@ -390,9 +390,9 @@ def test_sde_checkpoint_gradient_is_marked_and_agrees(monkeypatch):
     term = nde.SDETerm(lambda t, y, a: a * y * (1.0 - y), lambda t, y, a: 0.3 * y)
     ts = jnp.linspace(0.0, 1.0, 3)
 
-    def loss(a, key, sensitivity=nde.CheckpointAdjoint()):
+    def loss(a, key):
         sol = nde.solve(term, nde.SRIW1(), jnp.array([0.3]), ts, args=a, key=key, dt0=0.01, adaptive=False,
-                        max_steps=512, sensitivity=sensitivity)
+                        max_steps=512)
         return jnp.sum(sol.ys[-1] ** 2)
 
     f = jax.grad(loss)
@@ -402,10 +402,8 @@ def test_sde_checkpoint_gradient_is_marked_and_agrees(monkeypatch):
     assert _marked_calls(text) >= 2 and MARK not in plain_text
     g, g0 = float(marked(*operands)), float(plain(*operands))
     np.testing.assert_allclose(g, g0, rtol=1e-10)
-    # and it is the gradient of this path: reverse mode through the solver, and
-    # central differences (fixed steps: the same increments on both sides)
-    ref = float(jax.jit(jax.grad(lambda a, k: loss(a, k, nde.ReverseMode())))(*operands))
-    np.testing.assert_allclose(g, ref, rtol=1e-12)
+    # and it is the gradient of this path: central differences (fixed steps:
+    # the same increments on both sides)
     eps = 1e-6
     fd = (loss(1.5 + eps, operands[1]) - loss(1.5 - eps, operands[1])) / (2 * eps)
     np.testing.assert_allclose(g, float(fd), rtol=1e-7)
