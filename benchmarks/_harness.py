@@ -123,6 +123,40 @@ def first_call(case, verbose=True):
     return case.output
 
 
+def warm_up():
+    """Compile and run a small program that uses what every JAX case uses (the
+    CPU client, the tracing and lowering of loops, their derivatives, an Optax
+    update), so that the first case a script times -- neuralde's, which the
+    others' floors are built from -- does not pay the process's one-time
+    costs in its compile time. Call it once before the first case."""
+    import jax
+    import jax.numpy as jnp
+
+    def loss(w):
+        def body(c, _):
+            return c + 0.1 * jnp.tanh(c @ w), None
+
+        y = jax.lax.scan(body, jnp.ones((3, 2)), None, length=3)[0]
+        n = jax.lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, c[1] * 0.5), (0, jax.lax.stop_gradient(jnp.sum(y))))[1]
+        return jnp.sum(y ** 2) + n
+
+    w = jnp.eye(2)
+    try:
+        import optax
+
+        opt = optax.adam(1e-3)
+
+        @jax.jit
+        def step(w, state):
+            g = jax.grad(loss)(w)
+            updates, state = opt.update(g, state, w)
+            return optax.apply_updates(w, updates), state
+
+        block(step(w, opt.init(w)))
+    except ImportError:
+        block(jax.jit(jax.grad(loss))(w))
+
+
 def run_cases(cases, *, rounds=5, budget_s=0.3, min_repeats=3, max_repeats=2000, verbose=True):
     """Compile (first call) every case not called yet, then time them all in
     interleaved rounds."""

@@ -108,6 +108,7 @@ def main(argv=None):
         base_cases = cases_for(neuralde_base, "base")
         # Interleave each case with its base twin in the table.
         cases = [c for pair in zip(cases, base_cases) for c in pair]
+    H.warm_up()
     H.run_cases(cases, rounds=opts.rounds)
     extra = ()
     if opts.base:

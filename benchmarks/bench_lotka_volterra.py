@@ -257,6 +257,7 @@ def main(argv=None):
     import jax
 
     jax.config.update("jax_enable_x64", True)
+    H.warm_up()
     if ns.only in (None, "W1"):
         w1(ns)
     if ns.only in (None, "W2"):

@@ -327,6 +327,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     only = ns.only or (["W3", "W3s", "W4", "W8"] if jax.devices()[0].platform == "gpu" else ["W3", "W3s", "W4"])
+    H.warm_up()
     if "W3" in only:
         w3(ns)
     if "W3s" in only:
