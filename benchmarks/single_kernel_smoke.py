@@ -136,6 +136,20 @@ def configs():
                                                       args=[(w * s, b) for w, b in w40],
                                                       sensitivity=nde.ForwardMode()).ys), (1.0,)),
         "mlp backsolve grad": (jax.grad(mlp_loss(sens=nde.BacksolveAdjoint())), (w40,)),
+        "mlp batch ck grad": (jax.grad(lambda p: jnp.sum(nde.solve(
+            nde.ODETerm(mlp_field), nde.Tsit5(), jnp.stack([U0, -U0, 0.5 * U0, U0[::-1], -U0[::-1]]), TS[:5],
+            args=p).ys ** 2)), (mlp([2, 16, 2]),)),
+        "mlp batch float32 all-constant ck grad": (lambda: jax.grad(lambda p: jnp.sum(nde.solve(
+            nde.ODETerm(lambda t, y, p: mlp_field(t, y ** 3, p)), nde.Tsit5(), jnp.stack([y32] * 20), TS[:5].astype(
+                jnp.float32), args=p, rtol=1e-5, atol=1e-6).ys ** 2))(mlp([2, 50, 2], jnp.float32)), ()),
+        "mlp batch vmap ck grad": (jax.grad(lambda p: jnp.sum(jax.vmap(lambda y0: nde.solve(
+            nde.ODETerm(mlp_field), nde.Tsit5(), y0, TS[:5], args=p).ys)(jnp.stack([U0, -U0, 0.5 * U0])) ** 2)),
+                                   (mlp([2, 16, 2]),)),
+        "sde ck grad max_steps 512": (jax.grad(lambda a: jnp.sum(sde(nde.SRIW1(), a, jax.random.key(1), rtol=1e-2,
+                                                                     atol=1e-2, max_steps=512, sensitivity=CK))),
+                                      (0.5,)),
+        "sde ck grad adaptive": (jax.grad(lambda a: jnp.sum(sde(nde.SRIW1(), a, jax.random.key(1), rtol=1e-2,
+                                                                atol=1e-2, sensitivity=CK))), (0.5,)),
         "mlp batch forward": (lambda p: nde.solve(nde.ODETerm(mlp_field), nde.Tsit5(), jnp.stack([U0, -U0]), TS[:5],
                                                   args=p).ys, (w40,)),
         "mlp dense": (lambda p: nde.solve(nde.ODETerm(mlp_field), nde.Tsit5(), U0, TS[:5], args=p,
