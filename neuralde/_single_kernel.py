@@ -217,8 +217,10 @@ def _call(jaxpr, n_consts, outside, ins):
 
 def _anchored(outs, passed, flag):
     """``outs`` with a use of every array in ``passed`` that XLA cannot
-    remove: the first output where ``flag`` (always true, drawn at run time),
-    else the sum of the arrays' first elements.
+    remove: each output where ``flag`` (always true, drawn at run time), else
+    the sum of the arrays' first elements. (Each output, not one: a caller may
+    discard some outputs, and the use must survive in the ones it reads; a
+    select per output element, once per call.)
 
     The single-kernel emitter aborts the process on a parameter of the call
     that has lost every use ("All or none of the slices should have an
@@ -229,12 +231,11 @@ def _anchored(outs, passed, flag):
     drops it."""
     parts = [x[(0,) * x.ndim].astype(jnp.float32) for x in passed
              if x.size and x.dtype != jax.dtypes.float0]
-    outs = list(outs)
-    for k, out in enumerate(outs):
-        if parts and out.size and out.dtype != jax.dtypes.float0:
-            outs[k] = jnp.where(flag, out, sum(parts).astype(out.dtype))
-            break
-    return outs
+    if not parts:
+        return list(outs)
+    anchor = sum(parts)
+    return [jnp.where(flag, out, anchor.astype(out.dtype)) if out.size and out.dtype != jax.dtypes.float0 else out
+            for out in outs]
 
 
 class _Packing:
