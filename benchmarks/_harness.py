@@ -137,7 +137,8 @@ def warm_up():
             return c + 0.1 * jnp.tanh(c @ w), None
 
         y = jax.lax.scan(body, jnp.ones((3, 2)), None, length=3)[0]
-        n = jax.lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, c[1] * 0.5), (0, jax.lax.stop_gradient(jnp.sum(y))))[1]
+        start = (0, jax.lax.stop_gradient(jnp.sum(y)))
+        n = jax.lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, c[1] * 0.5), start)[1]
         return jnp.sum(y ** 2) + n
 
     w = jnp.eye(2)

@@ -506,60 +506,46 @@ def _product_shape(x_shape, y_shape, dimension_numbers):
     return batch, x_free, y_free, contracted
 
 
-def _outer_product(x, y, *, dimension_numbers, preferred_element_type, **_):
-    """A product that contracts nothing (every contracted axis has length 1)
-    as a broadcast multiply."""
+def _as_matrices(x, y, dimension_numbers, dtype):
+    """``x`` as ``(*batch, M, K)`` and ``y`` as ``(*batch, K, N)`` in
+    ``dtype``, and the shape of their product."""
     (xc, yc), (xb, yb) = dimension_numbers
-    dtype = preferred_element_type or jnp.result_type(x, y)
-    batch, x_free, y_free, _ = _product_shape(x.shape, y.shape, dimension_numbers)
+    batch, x_free, y_free, contracted = _product_shape(x.shape, y.shape, dimension_numbers)
     x_rest = [i for i in range(x.ndim) if i not in xc and i not in xb]
     y_rest = [i for i in range(y.ndim) if i not in yc and i not in yb]
-    xm = jax.lax.transpose(x, (*xb, *x_rest, *xc)).reshape(*batch, math.prod(x_free), 1).astype(dtype)
-    ym = jax.lax.transpose(y, (*yb, *yc, *y_rest)).reshape(*batch, 1, math.prod(y_free)).astype(dtype)
-    return (xm * ym).reshape(*batch, *x_free, *y_free)
-
-
-def _as_matrices(x, y, dimension_numbers):
-    """``x`` as ``(M, K)`` and ``y`` as ``(K, N)`` (a product without batch
-    axes), and the shape of the product."""
-    (xc, yc), _ = dimension_numbers
-    _, x_free, y_free, _ = _product_shape(x.shape, y.shape, dimension_numbers)
-    x_rest = [i for i in range(x.ndim) if i not in xc]
-    y_rest = [i for i in range(y.ndim) if i not in yc]
-    k = math.prod(x.shape[i] for i in xc)
-    xm = jax.lax.transpose(x, (*x_rest, *xc)).reshape(math.prod(x_free), k)
-    ym = jax.lax.transpose(y, (*yc, *y_rest)).reshape(k, math.prod(y_free))
-    return xm, ym, (*x_free, *y_free)
+    k = math.prod(contracted)
+    xm = jax.lax.transpose(x, (*xb, *x_rest, *xc)).reshape(*batch, math.prod(x_free), k).astype(dtype)
+    ym = jax.lax.transpose(y, (*yb, *yc, *y_rest)).reshape(*batch, k, math.prod(y_free)).astype(dtype)
+    return xm, ym, (*batch, *x_free, *y_free)
 
 
 def _split_product(x, y, *, dimension_numbers, preferred_element_type, **_):
-    """A small matrix-matrix product (no batch axes) as products the
-    single-kernel emitter handles: where one side has at most _MAX_SPLIT
-    columns, one matrix-vector product per column; where at most _MAX_SPLIT
-    terms are summed, that many outer products (broadcast multiplies) added."""
+    """A product as products the single-kernel emitter handles: with at most
+    _MAX_SPLIT columns (rows) on one side and more than one term summed, one
+    matrix-vector product per column (row); otherwise one broadcast multiply
+    per term summed, added -- one for an outer product, which contracts
+    nothing. (Only outer products may have batch axes: see `_small_dot_cpu`.)"""
     dtype = preferred_element_type or jnp.result_type(x, y)
-    xm, ym, shape = _as_matrices(x.astype(dtype), y.astype(dtype), dimension_numbers)
-    (m, k), n = xm.shape, ym.shape[1]
-    if n <= _MAX_SPLIT and n <= m:
+    xm, ym, shape = _as_matrices(x, y, dimension_numbers, dtype)
+    m, k, n = xm.shape[-2], xm.shape[-1], ym.shape[-1]
+    if k > 1 and n <= _MAX_SPLIT and n <= m:
         out = jnp.stack([xm @ ym[:, j] for j in range(n)], axis=1)
-    elif m <= _MAX_SPLIT:
+    elif k > 1 and m <= _MAX_SPLIT:
         out = jnp.stack([xm[i] @ ym for i in range(m)], axis=0)
     else:
-        out = xm[:, 0:1] * ym[0:1, :]
+        out = xm[..., 0:1] * ym[..., 0:1, :]
         for j in range(1, k):
-            out = out + xm[:, j:j + 1] * ym[j:j + 1, :]
+            out = out + xm[..., j:j + 1] * ym[..., j:j + 1, :]
     return out.reshape(shape)
 
 
 def _small_dot_cpu(x, y, **params):
     batch, x_free, y_free, contracted = _product_shape(x.shape, y.shape, params["dimension_numbers"])
     m, n, k = math.prod(x_free), math.prod(y_free), math.prod(contracted)
-    if k == 1 and math.prod(batch + x_free + y_free) <= _MAX_ELEMENTS:
-        return _outer_product(x, y, **params)
-    if (not batch and min(m, n) > 1 and (min(m, n) <= _MAX_SPLIT or k <= _MAX_SPLIT)
-            and m * n * k <= _MAX_SPLIT_WORK):
-        return _split_product(x, y, **params)
-    return _dot(x, y, **params)
+    outer = k == 1 and math.prod(batch + x_free + y_free) <= _MAX_ELEMENTS
+    small = (not batch and min(m, n) > 1 and (min(m, n) <= _MAX_SPLIT or k <= _MAX_SPLIT)
+             and m * n * k <= _MAX_SPLIT_WORK)
+    return _split_product(x, y, **params) if outer or small else _dot(x, y, **params)
 
 
 mlir.register_lowering(_small_dot_p, mlir.lower_fun(_dot, multiple_results=False))
