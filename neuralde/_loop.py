@@ -51,7 +51,8 @@ class Problem:
     ``s = direction * t``. Later families extend it (Brownian increments for
     SDEs, the dense history for delay equations)."""
 
-    def __init__(self, term, args, direction, rtol=None, atol=None, span=None, reverse_steps=False):
+    def __init__(self, term, args, direction, rtol=None, atol=None, span=None, reverse_steps=False,
+                 vjp_steps=False):
         self.term = term
         self.args = args
         self.direction = direction
@@ -67,6 +68,10 @@ class Problem:
         #: Whether the steps are differentiated in reverse mode (`LoopConfig`):
         #: a loop inside a step must then be made of scans.
         self.reverse_steps = reverse_steps
+        #: Whether the steps are differentiated by `jax.vjp` alone, never
+        #: `jax.jvp` (`LoopConfig`): such a loop may then be a `custom_vjp`
+        #: (`stored_while_loop`).
+        self.vjp_steps = vjp_steps
 
     def vf(self, s, y):
         d = self.direction
@@ -129,6 +134,12 @@ class LoopConfig(NamedTuple):
     #: step must then be fixed-length scans, which reverse mode can traverse;
     #: elsewhere they may be `lax.while_loop`s, which stop when they are done.
     reverse_steps: bool = False
+    #: True where the steps are differentiated by `jax.vjp` and never by
+    #: `jax.jvp` (`CheckpointAdjoint`'s backward steps, inside its own
+    #: `custom_vjp`): a loop inside a step may then be a `stored_while_loop`.
+    #: `ReverseMode`'s loop can be forward-differentiated (forward over
+    #: reverse) and keeps scans.
+    vjp_steps: bool = False
 
 
 class _Core(NamedTuple):
@@ -270,6 +281,77 @@ def bounded_while_loop(cond_fun, body_fun, init, max_iters: int, guard_leaf: boo
     return fn(init)
 
 
+def stored_while_loop(cond_fun, body_fun, init, max_iters: int):
+    """``lax.while_loop`` semantics, at most ``max_iters`` iterations, with a
+    reverse-mode derivative (`jax.custom_vjp`; `jax.vjp` only, no `jax.jvp`)
+    that stores the carry before each iteration and walks back through them,
+    one iteration's vjp at a time.
+
+    One copy of ``body_fun`` forward and one of its vjp backward, and nothing
+    for the iterations not run: `bounded_while_loop`'s scans allocate (and in
+    reverse mode fill) residuals for every slot, run or not, and a peeled first
+    iteration doubles the program. Each iteration is recomputed once backward
+    (its carry is stored, not its intermediate values). For loops of a few
+    iterations inside a step that is differentiated with `jax.vjp` alone
+    (`CheckpointAdjoint`'s backward steps)."""
+    leaves, treedef = jtu.tree_flatten(init)
+    inexact = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in leaves]
+
+    def split(flat):
+        return [x for x, f in zip(flat, inexact) if f], [x for x, f in zip(flat, inexact) if not f]
+
+    def merge(floats, others):
+        floats, others = iter(floats), iter(others)
+        return [next(floats) if f else next(others) for f in inexact]
+
+    def flat_body(flat):
+        return jtu.tree_leaves(body_fun(jtu.tree_unflatten(treedef, flat)))
+
+    # The values ``body_fun`` closes over that may carry derivatives become
+    # explicit inputs (a `custom_vjp` cannot differentiate its closure).
+    body, consts = jax.closure_convert(flat_body, leaves)
+
+    def run(consts, flat, store):
+        def cond(c):
+            return (c[0] < max_iters) & cond_fun(jtu.tree_unflatten(treedef, c[1]))
+
+        def step(c):
+            n, flat, stored = c
+            if store:
+                stored = [lax.dynamic_update_index_in_dim(s, x, n, 0) for s, x in zip(stored, flat)]
+            return n + 1, body(flat, *consts), stored
+
+        stored = [jnp.zeros((max_iters,) + jnp.shape(x), jnp.result_type(x)) for x in flat] if store else []
+        return lax.while_loop(cond, step, (jnp.asarray(0, jnp.int32), list(flat), stored))
+
+    @jax.custom_vjp
+    def loop(consts, floats, others):
+        return run(consts, merge(floats, others), False)[1]
+
+    def fwd(consts, floats, others):
+        n, flat, stored = run(consts, merge(floats, others), True)
+        return flat, (consts, n, stored)
+
+    def bwd(res, ct_flat):
+        consts, n, stored = res
+        ct_floats = split(ct_flat)[0]
+        zero_consts = [jnp.zeros_like(c) for c in consts]
+
+        def back(c):
+            i, ct_floats, ct_consts = c
+            floats, others = split([lax.dynamic_index_in_dim(s, i, 0, keepdims=False) for s in stored])
+            _, vjp = jax.vjp(lambda fl, cs: split(body(merge(fl, others), *cs))[0], floats, consts)
+            ct_in, ct_c = vjp(ct_floats)
+            return i - 1, ct_in, [a + b for a, b in zip(ct_consts, ct_c)]
+
+        _, ct_floats, ct_consts = lax.while_loop(lambda c: c[0] >= 0, back, (n - 1, ct_floats, zero_consts))
+        return ct_consts, ct_floats, [None] * len(split(stored)[1])
+
+    loop.defvjp(fwd, bwd)
+    floats, others = split(leaves)
+    return jtu.tree_unflatten(treedef, loop(consts, floats, others))
+
+
 def _level_lengths(max_iters: int, base: int = 16) -> list:
     """Scan lengths of the nested levels: about ``base`` each, with a product
     of at least ``max_iters`` and as little padding as possible (reverse mode
@@ -309,7 +391,7 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
     span = s_end - s_start
     valid_times = jnp.all(s_save[1:] > s_save[:-1])
     problem = Problem(term, args, direction, rtol, atol, span=(s_start, s_end),
-                      reverse_steps=config.reverse_steps)
+                      reverse_steps=config.reverse_steps, vjp_steps=config.vjp_steps)
     # Times the steps must land on (None for ODE solvers: no code is traced).
     breakpoints = solver.breakpoints(problem, s_start)
 

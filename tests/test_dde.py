@@ -414,6 +414,51 @@ class DelayedMLP(eqx.Module):
         return self.mlp(jnp.concatenate([y, h(t - self.lags[0])]))
 
 
+def test_stored_while_loop_gradient_matches_the_unrolled_loop():
+    # The corrections loop of CheckpointAdjoint's backward delay steps: a `custom_vjp`
+    # while loop that stores its carries. Reference: plain reverse mode through the same
+    # iterations written out in Python, lane by lane (their counts differ under vmap).
+    from neuralde._loop import stored_while_loop
+
+    max_iters = 16
+
+    def body(p, c):
+        k, x, _, n_evals = c
+        x_new = jnp.cos(p[0] * x) + p[1] * x**2
+        return k + 1, x_new, jnp.abs(x_new - x) < 1e-3, n_evals + 2
+
+    def looped(p, x0, max_iters=max_iters):
+        init = (jnp.asarray(0, jnp.int32), x0, jnp.asarray(False), jnp.asarray(0, jnp.int32))
+        k, x, done, n_evals = stored_while_loop(lambda c: ~c[2], lambda c: body(p, c), init, max_iters)
+        return x, (k, done, n_evals)
+
+    def unrolled(p, x0, n):
+        c = (0, x0, False, 0)
+        for _ in range(n):
+            c = body(p, c)
+        return c[1]
+
+    p = jnp.array([0.9, 0.05])
+    x0s = jnp.array([0.1, 0.7, 2.0, -1.3])
+    (xs, (ks, dones, n_evals)), (g_p, g_x0) = jax.jit(jax.vmap(
+        lambda x0: jax.value_and_grad(looped, argnums=(0, 1), has_aux=True)(p, x0)))(x0s)
+    ks = np.asarray(ks)
+    assert len(set(ks.tolist())) > 1 and ks.max() <= max_iters and bool(np.all(dones))
+    np.testing.assert_array_equal(np.asarray(n_evals), 2 * ks)
+    for i, (x0, k) in enumerate(zip(x0s, ks)):
+        ref_x = unrolled(p, x0, int(k))
+        ref_p, ref_x0 = jax.grad(unrolled, argnums=(0, 1))(p, x0, int(k))
+        np.testing.assert_allclose(float(xs[i]), float(ref_x), rtol=1e-14)
+        np.testing.assert_allclose(np.asarray(g_p[i]), np.asarray(ref_p), rtol=1e-12)
+        np.testing.assert_allclose(float(g_x0[i]), float(ref_x0), rtol=1e-12)
+    # A loop cut off at its bound: the derivative of exactly that many iterations.
+    assert ks[2] > 3
+    _, (k, done, _) = looped(p, x0s[2], 3)
+    assert int(k) == 3 and not bool(done)
+    g = jax.grad(lambda q: looped(q, x0s[2], 3)[0])(p)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(jax.grad(unrolled)(p, x0s[2], 3)), rtol=1e-12)
+
+
 def test_neural_dde_vmap_and_grad():
     mlp = eqx.nn.MLP(4, 2, 8, 1, activation=jnp.tanh, key=jr.PRNGKey(0))
     # dtype=float: a weakly typed lag would become strongly typed in the shifted models below and

@@ -138,7 +138,8 @@ class CheckpointAdjoint(AbstractSensitivity):
             ct_out = jtu.tree_map(instantiate_zero, ct_out, is_leaf=is_symbolic_zero)
             # The backward pass reads the step functions, not the initial
             # carry's values (its first checkpoint holds them).
-            steps_program = lambda dd: _steps_view(program(dd, initial_step=False, reverse_steps=True))  # noqa: E731
+            steps_program = lambda dd: _steps_view(  # noqa: E731
+                program(dd, initial_step=False, reverse_steps=True, vjp_steps=True))
             prog = steps_program(res[0])
             return _bwd_steps(steps_program, prog, res, ct_out, plan(prog)[1],
                               seen["mask"] if seen["const_times"] else None)

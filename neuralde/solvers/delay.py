@@ -254,11 +254,15 @@ class MethodOfSteps(AbstractSolver):
         # One loop of attempts: the first with the predictor, then corrections
         # while the step reads inside itself (it is longer than the smallest
         # lag) and has not converged. One traced copy of the wrapped step serves
-        # them all, in a `lax.while_loop`. Where the step is differentiated in
-        # reverse mode (`problem.reverse_steps`), the loop must be made of
-        # scans: the first attempt is then peeled off (a second copy), so that
-        # a step without corrections does not pay for the skipped iterations
-        # of a scan, which store (and in reverse mode read) their residuals.
+        # them all, in a `lax.while_loop`. Where the step is differentiated by
+        # `jax.vjp` alone (`problem.vjp_steps`: `CheckpointAdjoint`'s backward
+        # steps), the loop stores the attempts' inputs and its vjp walks back
+        # through them (`stored_while_loop`): one copy of the step and of its
+        # vjp. Where it may also be forward-differentiated (`ReverseMode`), the
+        # loop must be made of scans: the first attempt is then peeled off (a
+        # second copy), so that a step without corrections does not pay for the
+        # skipped iterations of a scan, which store (and in reverse mode read)
+        # their residuals.
         needs_fixed_point = lax.stop_gradient(dt) > min_lag
         n_iters = self.max_fixed_point_iters + 1
 
@@ -286,8 +290,12 @@ class MethodOfSteps(AbstractSolver):
                                    jax.eval_shape(lambda: attempt((t0, dt, y0, c_pred))[0]))
         init = (int0, placeholder, inner_state, jnp.asarray(False), int0,
                 tuple(int0 for _ in self.solver.stat_names))
-        if problem.reverse_steps:
-            from .._loop import bounded_while_loop  # (here: `_loop` imports the solvers' package)
+        if problem.reverse_steps and problem.vjp_steps:
+            from .._loop import stored_while_loop  # (here: `_loop` imports the solvers' package)
+
+            carry = stored_while_loop(unfinished, iteration, init, n_iters)
+        elif problem.reverse_steps:
+            from .._loop import bounded_while_loop
 
             carry = iteration(init)
             carry = lax.cond(unfinished(carry), lambda c: bounded_while_loop(unfinished, iteration, c, n_iters - 1),
