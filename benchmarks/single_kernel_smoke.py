@@ -157,6 +157,12 @@ def configs():
         "large state": (lambda a: nde.solve(nde.ODETerm(lambda t, y, a: -a * y), nde.Tsit5(),
                                             jnp.linspace(1.0, 2.0, 4096), TS[:5], args=a).ys, (0.5,)),
         "progress": (lambda p: nde.solve(nde.ODETerm(lv), nde.Tsit5(), U0, TS, args=p, progress=True).ys, (P,)),
+        # Steps longer than the lag: the backward steps' corrections loop (`stored_while_loop`) inside
+        # both marked loops (a small history: every step checkpointed).
+        "dde ck grad": (jax.grad(lambda p: jnp.sum(nde.solve(
+            nde.DDETerm(lambda t, u, h, p: lv(t, u, p) - 0.5 * h(t - 0.1), lambda s, p: U0, (0.1,)),
+            nde.MethodOfSteps(nde.Tsit5(), max_history=16), U0, TS, args=p, max_steps=256,
+            sensitivity=CK).ys ** 2)), (P,)),
     }
 
 
