@@ -121,3 +121,20 @@ def test_float32_short_interval_precision():
 def test_levels_validation():
     with pytest.raises(ValueError, match="levels"):
         B.unit_increment(B.seed_from_key(jax.random.key(0)), 0.0, 1.0, 1, levels=40)
+
+
+def test_threefry_matches_jax():
+    # The tree's hash is Threefry-2x32 written out (faster on XLA:CPU): the same words as JAX's
+    # own primitive, so the paths are those of `jax.extend.random.threefry_2x32`.
+    from jax.extend.random import threefry_2x32
+
+    rng = np.random.default_rng(0)
+    keys = jnp.asarray(rng.integers(0, 2**32, (64, 2), dtype=np.uint64).astype(np.uint32))
+    counts = jnp.asarray(rng.integers(0, 2**32, (64, 2, 5), dtype=np.uint64).astype(np.uint32))
+    ours = jax.jit(jax.vmap(lambda k, c: jnp.concatenate(B._threefry_2x32(k, c[0], c[1]))))(keys, counts)
+    ref = jax.vmap(lambda k, c: threefry_2x32(k, c.reshape(-1)))(keys, counts)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
+    # Random123's known-answer vector for Threefry-2x32-20 (key and counter all ones).
+    ones = jnp.uint32(0xFFFFFFFF)
+    out = B._threefry_2x32(jnp.array([ones, ones]), jnp.array([ones]), jnp.array([ones]))
+    assert [int(out[0][0]), int(out[1][0])] == [0x1CB996FC, 0xBB002BE7]
