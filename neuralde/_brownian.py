@@ -111,15 +111,90 @@ def _threefry_2x32(key, x0, x1):
     return x0, x1
 
 
+# ln 2 split in two (fdlibm's split: the high part has trailing zero bits, so
+# that ``e * _LN2_HI`` is exact for the exponents of float64).
+_LN2_HI = 6.93147180369123816490e-01
+_LN2_LO = 1.90821492927058770002e-10
+
+
+def _log_f64(x):
+    """Natural logarithm of positive, normal float64 ``x`` (the uniforms and
+    the tail variable of `_ndtri_f64`), to 2 ulp: the exponent and mantissa
+    ``m`` in [sqrt(1/2), sqrt(2)) split off with integer operations, then
+    ``log m = 2 atanh(s)``, ``s = (m - 1)/(m + 1)``, ``|s| <= 0.172``, whose
+    odd series is summed to ``s^23`` (the next term is below 1e-18).
+
+    XLA:CPU's float64 logarithm costs about 4 ns per element here, against
+    about 0.5 ns for this one, and the tree takes two logarithms per normal."""
+    b = lax.bitcast_convert_type(x, jnp.uint64)
+    e = (b >> jnp.uint64(52)).astype(jnp.int64) - 1023
+    m = lax.bitcast_convert_type((b & jnp.uint64(0x000FFFFFFFFFFFFF)) | jnp.uint64(0x3FF0000000000000), jnp.float64)
+    big = m > math.sqrt(2.0)
+    m = jnp.where(big, m * 0.5, m)
+    e = (e + big.astype(jnp.int64)).astype(jnp.float64)
+    s = (m - 1.0) / (m + 1.0)
+    s2 = s * s
+    series = jnp.full_like(s2, 2.0 / 23.0)
+    for k in range(10, -1, -1):
+        series = series * s2 + 2.0 / (2 * k + 1)
+    return e * _LN2_HI + (s * series + e * _LN2_LO)
+
+
+# The rational approximations of Cephes' ndtri (S. L. Moshier, Cephes Math
+# Library 2.x, ``ndtri.c``): x = w + w^3 P0(w^2)/Q0(w^2) (times sqrt(2 pi)) for
+# exp(-2) < q < 1 - exp(-2), w = q - 1/2; in the tails, with z = sqrt(-2 ln q),
+# x = z - ln(z)/z - P1(1/z)/(z Q1(1/z)) for z < 8. (Cephes has a third pair for
+# z >= 8, q < exp(-32): the tree's uniforms are at least 2^-33, z <= 6.8.)
+# Highest power first; the Q's leading 1 is written out.
+_NDTRI_P0 = (-5.99633501014107895267e1, 9.80010754185999661536e1, -5.66762857469070293439e1,
+             1.39312609387279679503e1, -1.23916583867381258016e0)
+_NDTRI_Q0 = (1.0, 1.95448858338141759834e0, 4.67627912898881538453e0, 8.63602421390890590575e1,
+             -2.25462687854119370527e2, 2.00260212380060660359e2, -8.20372256168333339912e1,
+             1.59056225126211695515e1, -1.18331621121330003142e0)
+_NDTRI_P1 = (4.05544892305962419923e0, 3.15251094599893866154e1, 5.71628192246421288162e1,
+             4.40805073893200834700e1, 1.46849561928858024014e1, 2.18663306850790267539e0,
+             -1.40256079171354495875e-1, -3.50424626827848203418e-2, -8.57456785154685413611e-4)
+_NDTRI_Q1 = (1.0, 1.57799883256466749731e1, 4.53907635128879210584e1, 4.13172038254672030440e1,
+             1.50425385692907503408e1, 2.50464946208309415979e0, -1.42182922854787788574e-1,
+             -3.80806407691578277194e-2, -9.33259480895457427372e-4)
+
+
+def _horner(coeffs, x):
+    acc = jnp.full_like(x, coeffs[0])
+    for c in coeffs[1:]:
+        acc = acc * x + c
+    return acc
+
+
+def _ndtri_f64(u):
+    """The standard normal quantile of float64 ``u`` in [2^-33, 1 - 2^-33] (the
+    tree's uniforms): Cephes' approximations with `_log_f64`,
+    within a few ulp of `scipy.special.ndtri` (``tests/test_brownian.py``).
+    `jax.scipy.special.ndtri` evaluates the same approximations with XLA's
+    logarithm: about 15 ns per normal on XLA:CPU against 3 ns here, and a
+    tree descent draws two normals per channel and level."""
+    upper = u > 1.0 - math.exp(-2.0)
+    q = jnp.where(upper, 1.0 - u, u)
+    central = q > math.exp(-2.0)
+    w = q - 0.5
+    w2 = w * w
+    x_central = (w + w * w2 * (_horner(_NDTRI_P0, w2) / _horner(_NDTRI_Q0, w2))) * math.sqrt(2.0 * math.pi)
+    z = jnp.sqrt(-2.0 * _log_f64(jnp.where(central, 0.01, q)))
+    iz = 1.0 / z
+    r = _horner(_NDTRI_P1, iz) / _horner(_NDTRI_Q1, iz)
+    x = jnp.where(central, x_central, r * iz + _log_f64(z) * iz - z)
+    return jnp.where(upper, -x, x)
+
+
 def _normals(seed, node, n, dtype):
     """``2 x n`` standard normals for tree node ``node`` (a counter-based hash
     of ``(seed, node, j)``: no key splitting, any node in any order)."""
     bits = jnp.stack(_threefry_2x32(seed, jnp.full((n,), node, jnp.uint32), jnp.arange(n, dtype=jnp.uint32)))
     if jnp.dtype(dtype).itemsize >= 8:
-        u = (bits.astype(dtype) + 0.5) * 2.0**-32
-    else:
-        u = ((bits >> 8).astype(dtype) + 0.5) * 2.0**-24
-    return ndtri(u)
+        return _ndtri_f64((bits.astype(dtype) + 0.5) * 2.0**-32)
+    # float32: JAX's ndtri. (The same approximations written as above for
+    # float32 measured no faster on XLA:CPU, 17-19 against 21 ns per normal.)
+    return ndtri(((bits >> 8).astype(dtype) + 0.5) * 2.0**-24)
 
 
 def _split(seed, node, h, W, H, dtype):

@@ -138,3 +138,23 @@ def test_threefry_matches_jax():
     ones = jnp.uint32(0xFFFFFFFF)
     out = B._threefry_2x32(jnp.array([ones, ones]), jnp.array([ones]), jnp.array([ones]))
     assert [int(out[0][0]), int(out[1][0])] == [0x1CB996FC, 0xBB002BE7]
+
+
+def test_normals_quantile_and_log_match_scipy():
+    # The float64 tree turns its uniforms into normals with its own quantile and logarithm
+    # (faster on XLA:CPU than XLA's log): both against scipy / numpy over random hash words
+    # and the extreme words at both ends, where the tail approximations and the largest
+    # normals (|z| about 6.2) are.
+    from scipy.special import ndtri
+
+    rng = np.random.default_rng(1)
+    words = np.concatenate([rng.integers(0, 2**32, 200_000, dtype=np.uint64),
+                            np.arange(0, 5000, dtype=np.uint64), 2**32 - 1 - np.arange(0, 5000, dtype=np.uint64)])
+    u = (words.astype(np.float64) + 0.5) * 2.0**-32
+    z = np.asarray(jax.jit(B._ndtri_f64)(jnp.asarray(u)))
+    ref = ndtri(u)
+    assert np.all(np.abs(z - ref) <= 8 * np.spacing(np.abs(ref)))
+    assert abs(z.max()) > 6.2 and abs(z.min()) > 6.2
+    x = np.concatenate([u, rng.uniform(0.5, 7.0, 50_000), [1.0, 2.0, 0.5]])
+    lg = np.asarray(jax.jit(B._log_f64)(jnp.asarray(x)))
+    np.testing.assert_array_less(np.abs(lg - np.log(x)), 3 * np.spacing(np.abs(np.log(x))) + 1e-300)
