@@ -4,8 +4,8 @@ neuralde against diffrax and torchsde in one run.
     du = (a x - b x y, -d y + g x y) dt + 0.1 u dW   (diagonal Itô noise),
     p = (1.5, 1, 3, 1), u0 = (1, 1), t in [0, 10], float64.
 
-    python benchmarks/bench_sde.py [--target 1e-2] [--paths 100 10000] [--rounds 2] [--quick]
-    python benchmarks/bench_sde.py --tree [--tree-paths 10000]
+    python benchmarks/bench_sde.py [--target 1e-2] [--paths 100 10000] [--rounds 2] [--quick] [--no-save]
+    python benchmarks/bench_sde.py --tree [--tree-paths 10000] [--no-save]
 
 ``--tree``: the Brownian trees alone: 64 queries (W and H over [s, s + 0.01]
 on [0, 10], 2 channels) per path for ``--tree-paths`` paths (vmap), neuralde's
@@ -23,7 +23,12 @@ picks the cheapest configuration whose strong error is at most ``--target``;
 that configuration is then timed on ensembles of ``--paths`` paths, with the
 libraries interleaved round by round (median over rounds). Methods:
 
-* neuralde: SRIW1 (adaptive, rtol = atol = tol), EulerMaruyama (fixed dt);
+* neuralde: SRIW1 (adaptive, rtol = atol = tol, and fixed dt) and
+  EulerMaruyama (fixed dt), each path its own solve under ``jax.vmap``; and
+  SRIW1 (adaptive and fixed, "shared steps") with the ensemble as one state
+  of shape (paths, 2), one step sequence and one Brownian tree of that shape
+  (its reference: the same batched state at the fine step, on the same tree),
+  as torchsde solves it;
 * diffrax 0.7: Euler and ItoMilstein (fixed dt), and HalfSolver(ItoMilstein)
   with a PIDController (adaptive, step doubling: diffrax's only adaptive Itô
   option for this noise), all on a VirtualBrownianTree with tol = 10/2^20
@@ -39,9 +44,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as H  # noqa: E402
 
 T = 10.0
 P = (1.5, 1.0, 3.0, 1.0)
@@ -81,10 +91,32 @@ def make_neuralde(jax, jnp):
 
         return run
 
+    def batch_drift(t, u, p):
+        x, y = u[:, 0], u[:, 1]
+        return jnp.stack([p[0] * x - p[1] * x * y, -p[2] * y + p[3] * x * y], axis=1)
+
+    batch_term = nde.SDETerm(batch_drift, lambda t, u, p: 0.1 * u, noise="diagonal")
+
+    def shared_runner(solver, adaptive):
+        """The ensemble as one state of shape (paths, 2): one step sequence
+        (the error norm is taken over every path) and one Brownian tree of that
+        shape, drawn from the first key; torchsde's batch does the same."""
+        @jax.jit
+        def run(keys, x):
+            u0b = jnp.ones((keys.shape[0], 2))
+            kw = dict(rtol=x, atol=x) if adaptive else dict(dt0=x, adaptive=False)
+            sol = nde.solve(batch_term, solver, u0b, ts, args=p, key=keys[0], max_steps=100_000, throw=False, **kw)
+            return sol.ys[-1], jnp.broadcast_to(sol.stats["num_steps"] + sol.stats["num_rejected"], keys.shape[:1])
+
+        return run
+
     return {
         "neuralde SRIW1 (adaptive)": (runner(nde.SRIW1(), True), True),
+        "neuralde SRIW1 (adaptive, shared steps)": (shared_runner(nde.SRIW1(), True), True),
+        "neuralde SRIW1 (fixed)": (runner(nde.SRIW1(), False), False),
+        "neuralde SRIW1 (fixed, shared steps)": (shared_runner(nde.SRIW1(), False), False),
         "neuralde EulerMaruyama": (runner(nde.EulerMaruyama(), False), False),
-    }, runner(nde.SRIW1(), False)
+    }, runner(nde.SRIW1(), False), shared_runner(nde.SRIW1(), False)
 
 
 def make_diffrax(jax, jnp):
@@ -175,7 +207,7 @@ def make_torchsde():
     return run, with_ref
 
 
-def tree_bench(n_paths):
+def tree_bench(n_paths, save=True):
     import diffrax
     import jax
     import jax.numpy as jnp
@@ -217,10 +249,14 @@ def tree_bench(n_paths):
             t0 = time.perf_counter()
             jax.block_until_ready(f(a))
             best[name] = min(best[name], time.perf_counter() - t0)
+    rows = []
     for name, secs in best.items():
         us = secs / n_paths / starts.size * 1e6
         print(f"{name:45s} {us:8.2f} us/query")
-        print(json.dumps({"bench": "brownian_tree", "method": name, "paths": n_paths, "us_per_query": us}))
+        rows.append({"bench": "brownian_tree", "method": name, "paths": n_paths, "us_per_query": us})
+        print(json.dumps(rows[-1]))
+    if save:
+        H.save_result({"workload": "W6tree", "rows": rows})
 
 
 def main():
@@ -233,9 +269,10 @@ def main():
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="fewer sweep points, --paths 100 1000")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--no-save", action="store_true", help="do not append to benchmarks/results/")
     ns = parser.parse_args()
     if ns.tree:
-        return tree_bench(ns.tree_paths)
+        return tree_bench(ns.tree_paths, save=not ns.no_save)
     if ns.quick:
         ns.paths = [100, 1000]
         ns.calib = min(ns.calib, 50)
@@ -246,7 +283,7 @@ def main():
     jax.config.update("jax_enable_x64", True)
     import diffrax
 
-    ours, our_ref = make_neuralde(jax, jnp)
+    ours, our_ref, our_shared_ref = make_neuralde(jax, jnp)
     theirs, their_ref = make_diffrax(jax, jnp)
     keys = jax.random.split(jax.random.key(0), max(max(ns.paths), ns.calib))
     calib_keys = keys[: ns.calib]
@@ -254,8 +291,9 @@ def main():
 
     # References on the same paths.
     ref_ours, _ = our_ref(calib_keys, jnp.float64(fine))
+    ref_shared, _ = our_shared_ref(calib_keys, jnp.float64(fine))
     ref_dfx, _ = their_ref(calib_keys, jnp.float64(fine))
-    ref_ours, ref_dfx = np.asarray(ref_ours), np.asarray(ref_dfx)
+    ref_ours, ref_shared, ref_dfx = np.asarray(ref_ours), np.asarray(ref_shared), np.asarray(ref_dfx)
 
     dts = [T / 2**k for k in range(6, 15)]
     tols = [10.0 ** -k for k in np.arange(1.0, 4.01, 0.5)]
@@ -265,7 +303,7 @@ def main():
     chosen = {}
     compile_s = {}
     for name, (run, adaptive) in {**ours, **theirs}.items():
-        ref = ref_ours if name.startswith("neuralde") else ref_dfx
+        ref = (ref_shared if "shared" in name else ref_ours) if name.startswith("neuralde") else ref_dfx
         sweep = tols if adaptive else dts
         best = None
         for x in sweep:
@@ -328,11 +366,17 @@ def main():
         med = float(np.median(secs))
         ratio = med / base[n] if n in base else float("nan")
         print(f"{name:45s} {n:6d} {x:9.3g} {err:9.2e} {steps:8.0f} {med:9.3f} {ratio:9.2f}")
+    rows = []
     for (name, n), secs in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         x, err, steps = chosen[name]
-        print(json.dumps({"bench": "sde_lotka_volterra", "method": name, "paths": n, "dt_or_tol": x,
-                          "strong_error": err, "mean_steps": steps, "time_s": float(np.median(secs)),
-                          "times_s": secs, "target": ns.target, "versions": versions}))
+        rows.append({"bench": "sde_lotka_volterra", "method": name, "paths": n, "dt_or_tol": float(x),
+                     "strong_error": err, "mean_steps": None if np.isnan(steps) else steps,
+                     "time_s": float(np.median(secs)), "times_s": secs, "target": ns.target, "versions": versions})
+        print(json.dumps(rows[-1]))
+    if not ns.no_save:
+        H.save_result({"workload": "W6", "rows": rows, "uncalibrated": [k for k, v in chosen.items() if v is None],
+                       "settings": {"target": ns.target, "calib": ns.calib, "paths": ns.paths, "rounds": ns.rounds,
+                                    "quick": ns.quick}})
     print("uncalibrated (no swept setting reached the target):",
           [k for k, v in chosen.items() if v is None])
 
