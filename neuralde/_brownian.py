@@ -72,7 +72,6 @@ from typing import NamedTuple
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
-from jax.scipy.special import ndtri
 
 #: Default depth of the tree (as `SDETerm`): leaves of (t1 - t0) * 2^-20.
 DEFAULT_LEVELS = 20
@@ -116,28 +115,42 @@ def _threefry_2x32(key, x0, x1):
 _LN2_HI = 6.93147180369123816490e-01
 _LN2_LO = 1.90821492927058770002e-10
 
+# Per float type: the integer type of its bits, mantissa bits, exponent bias,
+# and the highest odd power kept of the atanh series (the next term is below
+# the type's rounding: 2 s^25/25 < 1e-20 for float64, 2 s^13/13 < 2e-11 for float32).
+_LOG_FORMATS = {
+    jnp.dtype(jnp.float64): (jnp.uint64, jnp.int64, 52, 1023, 23),
+    jnp.dtype(jnp.float32): (jnp.uint32, jnp.int32, 23, 127, 11),
+}
 
-def _log_f64(x):
-    """Natural logarithm of positive, normal float64 ``x`` (the uniforms and
-    the tail variable of `_ndtri_f64`), to 2 ulp: the exponent and mantissa
-    ``m`` in [sqrt(1/2), sqrt(2)) split off with integer operations, then
-    ``log m = 2 atanh(s)``, ``s = (m - 1)/(m + 1)``, ``|s| <= 0.172``, whose
-    odd series is summed to ``s^23`` (the next term is below 1e-18).
 
-    XLA:CPU's float64 logarithm costs about 4 ns per element here, against
-    about 0.5 ns for this one, and the tree takes two logarithms per normal."""
-    b = lax.bitcast_convert_type(x, jnp.uint64)
-    e = (b >> jnp.uint64(52)).astype(jnp.int64) - 1023
-    m = lax.bitcast_convert_type((b & jnp.uint64(0x000FFFFFFFFFFFFF)) | jnp.uint64(0x3FF0000000000000), jnp.float64)
+def _log(x):
+    """Natural logarithm of positive, normal float64 or float32 ``x`` (the
+    tree's uniforms and the tail variable of `_ndtri`), to 3 ulp in float64
+    and 3 in float32: the exponent and a mantissa ``m`` in [sqrt(1/2), sqrt(2))
+    split off with integer operations, then ``log m = 2 atanh(s)``,
+    ``s = (m - 1)/(m + 1)``, ``|s| <= 0.172``, by its odd series.
+
+    XLA:CPU's own logarithm costs about 4 ns per element in float64, and in
+    float32 inside `_ndtri`'s fused loop it made the whole loop run 4-5x
+    slower; this one costs well under 1 ns. The tree takes two logarithms per
+    normal."""
+    uint, sint, mbits, bias, top = _LOG_FORMATS[jnp.dtype(x.dtype)]
+    b = lax.bitcast_convert_type(x, uint)
+    e = (b >> uint(mbits)).astype(sint) - bias
+    one_bits = uint(bias << mbits)
+    m = lax.bitcast_convert_type((b & uint((1 << mbits) - 1)) | one_bits, x.dtype)
     big = m > math.sqrt(2.0)
     m = jnp.where(big, m * 0.5, m)
-    e = (e + big.astype(jnp.int64)).astype(jnp.float64)
+    e = (e + big.astype(sint)).astype(x.dtype)
     s = (m - 1.0) / (m + 1.0)
     s2 = s * s
-    series = jnp.full_like(s2, 2.0 / 23.0)
-    for k in range(10, -1, -1):
+    series = jnp.full_like(s2, 2.0 / top)
+    for k in range((top - 3) // 2, -1, -1):
         series = series * s2 + 2.0 / (2 * k + 1)
-    return e * _LN2_HI + (s * series + e * _LN2_LO)
+    if x.dtype == jnp.float64:
+        return e * _LN2_HI + (s * series + e * _LN2_LO)
+    return e * math.log(2.0) + s * series
 
 
 # The rational approximations of Cephes' ndtri (S. L. Moshier, Cephes Math
@@ -166,35 +179,43 @@ def _horner(coeffs, x):
     return acc
 
 
-def _ndtri_f64(u):
-    """The standard normal quantile of float64 ``u`` in [2^-33, 1 - 2^-33] (the
-    tree's uniforms): Cephes' approximations with `_log_f64`,
-    within a few ulp of `scipy.special.ndtri` (``tests/test_brownian.py``).
-    `jax.scipy.special.ndtri` evaluates the same approximations with XLA's
-    logarithm: about 15 ns per normal on XLA:CPU against 3 ns here, and a
-    tree descent draws two normals per channel and level."""
+def _ndtri(u):
+    """The standard normal quantile of the tree's uniforms ``u`` (float64 in
+    [2^-33, 1 - 2^-33], float32 in [2^-24, 1 - 2^-24]): Cephes' approximations
+    with `_log`, within a few ulp of `scipy.special.ndtri`
+    (``tests/test_brownian.py``). `jax.scipy.special.ndtri` evaluates the same
+    approximations with XLA's logarithm: about 15-17 ns per normal on XLA:CPU
+    against 2-3 ns here, and a tree descent draws two normals per channel and
+    level."""
     upper = u > 1.0 - math.exp(-2.0)
     q = jnp.where(upper, 1.0 - u, u)
     central = q > math.exp(-2.0)
     w = q - 0.5
     w2 = w * w
     x_central = (w + w * w2 * (_horner(_NDTRI_P0, w2) / _horner(_NDTRI_Q0, w2))) * math.sqrt(2.0 * math.pi)
-    z = jnp.sqrt(-2.0 * _log_f64(jnp.where(central, 0.01, q)))
+    z = jnp.sqrt(-2.0 * _log(jnp.where(central, 0.01, q)))
     iz = 1.0 / z
     r = _horner(_NDTRI_P1, iz) / _horner(_NDTRI_Q1, iz)
-    x = jnp.where(central, x_central, r * iz + _log_f64(z) * iz - z)
+    x = jnp.where(central, x_central, r * iz + _log(z) * iz - z)
     return jnp.where(upper, -x, x)
+
+
+def _uniforms(bits, dtype):
+    """Uniforms strictly inside (0, 1) from 32-bit words, at the midpoints of
+    2^32 cells in float64 and of 2^23 cells in float32 (``k + 1/2`` is exact
+    there for ``k < 2^23``; with 24 bits the top word rounded to 1, whose
+    quantile is infinite)."""
+    if jnp.dtype(dtype) == jnp.float64:
+        return (bits.astype(jnp.float64) + 0.5) * 2.0**-32
+    return ((bits >> 9).astype(jnp.float32) + 0.5) * 2.0**-23
 
 
 def _normals(seed, node, n, dtype):
     """``2 x n`` standard normals for tree node ``node`` (a counter-based hash
-    of ``(seed, node, j)``: no key splitting, any node in any order)."""
+    of ``(seed, node, j)``: no key splitting, any node in any order). Below
+    float64 they are computed in float32."""
     bits = jnp.stack(_threefry_2x32(seed, jnp.full((n,), node, jnp.uint32), jnp.arange(n, dtype=jnp.uint32)))
-    if jnp.dtype(dtype).itemsize >= 8:
-        return _ndtri_f64((bits.astype(dtype) + 0.5) * 2.0**-32)
-    # float32: JAX's ndtri. (The same approximations written as above for
-    # float32 measured no faster on XLA:CPU, 17-19 against 21 ns per normal.)
-    return ndtri(((bits >> 8).astype(dtype) + 0.5) * 2.0**-24)
+    return _ndtri(_uniforms(bits, dtype)).astype(dtype)
 
 
 def _split(seed, node, h, W, H, dtype):

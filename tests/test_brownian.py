@@ -141,20 +141,51 @@ def test_threefry_matches_jax():
 
 
 def test_normals_quantile_and_log_match_scipy():
-    # The float64 tree turns its uniforms into normals with its own quantile and logarithm
-    # (faster on XLA:CPU than XLA's log): both against scipy / numpy over random hash words
-    # and the extreme words at both ends, where the tail approximations and the largest
-    # normals (|z| about 6.2) are.
+    # The tree turns its uniforms into normals with its own quantile and logarithm (faster on
+    # XLA:CPU than XLA's log): both against scipy / numpy over random hash words and the
+    # extreme words at both ends, where the tail approximations and the largest normals are.
     from scipy.special import ndtri
 
     rng = np.random.default_rng(1)
     words = np.concatenate([rng.integers(0, 2**32, 200_000, dtype=np.uint64),
-                            np.arange(0, 5000, dtype=np.uint64), 2**32 - 1 - np.arange(0, 5000, dtype=np.uint64)])
-    u = (words.astype(np.float64) + 0.5) * 2.0**-32
-    z = np.asarray(jax.jit(B._ndtri_f64)(jnp.asarray(u)))
-    ref = ndtri(u)
-    assert np.all(np.abs(z - ref) <= 8 * np.spacing(np.abs(ref)))
-    assert abs(z.max()) > 6.2 and abs(z.min()) > 6.2
-    x = np.concatenate([u, rng.uniform(0.5, 7.0, 50_000), [1.0, 2.0, 0.5]])
-    lg = np.asarray(jax.jit(B._log_f64)(jnp.asarray(x)))
-    np.testing.assert_array_less(np.abs(lg - np.log(x)), 3 * np.spacing(np.abs(np.log(x))) + 1e-300)
+                            np.arange(0, 5000, dtype=np.uint64) * 512,
+                            2**32 - 1 - np.arange(0, 5000, dtype=np.uint64) * 512]).astype(np.uint32)
+    for dtype, ulps, largest in ((jnp.float64, 8, 6.2), (jnp.float32, 8, 5.29)):
+        u = jax.jit(B._uniforms, static_argnums=1)(jnp.asarray(words), dtype)
+        assert u.dtype == dtype and float(u.min()) > 0 and float(u.max()) < 1
+        z = np.asarray(jax.jit(B._ndtri)(u), np.float64)
+        ref = ndtri(np.asarray(u, np.float64))
+        spacing = np.spacing(np.abs(ref).astype(np.dtype(dtype))).astype(np.float64)
+        assert np.all(np.abs(z - ref) <= ulps * spacing + 2 * np.finfo(np.dtype(dtype)).eps * 0.1), dtype
+        assert abs(z.max()) > largest and abs(z.min()) > largest
+    for dtype, ulps in ((jnp.float64, 4), (jnp.float32, 5)):
+        x = np.concatenate([rng.uniform(2.0**-34, 1.0, 50_000), rng.uniform(0.5, 7.0, 50_000), [1.0, 2.0, 0.5]])
+        x = x.astype(np.dtype(dtype))
+        lg = np.asarray(jax.jit(B._log)(jnp.asarray(x)), np.float64)
+        ref = np.log(x.astype(np.float64))
+        assert np.all(np.abs(lg - ref) <= ulps * np.spacing(np.abs(ref).astype(np.dtype(dtype))) + 1e-300), dtype
+
+
+def test_float32_normals_stay_finite_at_the_top_word():
+    # With 24 bits, (2^24 - 1) + 1/2 rounds to 2^24 in float32: the top hash words gave the
+    # uniform 1.0 and an infinite normal (one word in 2^24 at every node of every descent).
+    top = jnp.array([0xFFFFFFFF, 0xFFFFFF00, 0x00000000], jnp.uint32)
+    for dtype in (jnp.float32, jnp.float64):
+        z = B._ndtri(B._uniforms(top, dtype))
+        assert np.all(np.isfinite(np.asarray(z))) and float(z[0]) > 5.0 and float(z[2]) < -5.0
+
+
+def test_float32_solve_through_a_top_word_node():
+    # Key 2's tree has a top hash word at node 729038 (level 19, the leaves' parents at 20
+    # levels), above u = 204750.5 / 2^19 of the span. Before the fix a float32 solve saving
+    # there returned NaN (status 3), and the increment over [0.25, u] was NaN.
+    import neuralde as nde
+
+    u = np.float32(204750.5 / 2**19)
+    seed = B.seed_from_key(jax.random.key(2))
+    W, H = B.increment(seed, jnp.float32(0), jnp.float32(1), jnp.float32(0.25), jnp.float32(u), 1, 20, jnp.float32)
+    assert np.isfinite(float(W[0])) and np.isfinite(float(H[0]))
+    term = nde.SDETerm(lambda t, y, a: -y, lambda t, y, a: 0.5 * jnp.ones_like(y), noise="diagonal")
+    sol = nde.solve(term, nde.EulerMaruyama(), jnp.ones(1, jnp.float32), jnp.array([0.0, u, 1.0], jnp.float32),
+                    dt0=1e-3, adaptive=False, key=jax.random.key(2), throw=False)
+    assert int(sol.status) == 0 and np.all(np.isfinite(np.asarray(sol.ys)))
