@@ -126,8 +126,8 @@ _LOG_FORMATS = {
 
 def _log(x):
     """Natural logarithm of positive, normal float64 or float32 ``x`` (the
-    tree's uniforms and the tail variable of `_ndtri`), to 3 ulp in float64
-    and 3 in float32: the exponent and a mantissa ``m`` in [sqrt(1/2), sqrt(2))
+    tree's uniforms and the tail variable of `_ndtri`), to 3 ulp in either:
+    the exponent and a mantissa ``m`` in [sqrt(1/2), sqrt(2))
     split off with integer operations, then ``log m = 2 atanh(s)``,
     ``s = (m - 1)/(m + 1)``, ``|s| <= 0.172``, by its odd series.
 
