@@ -67,8 +67,9 @@ def make_neuralde(jax, jnp):
     import neuralde as nde
 
     def drift(t, u, p):
-        x, y = u[0], u[1]
-        return jnp.stack([p[0] * x - p[1] * x * y, -p[2] * y + p[3] * x * y])
+        # Components on the last axis: one path of shape (2,) or a batch of shape (paths, 2).
+        x, y = u[..., 0], u[..., 1]
+        return jnp.stack([p[0] * x - p[1] * x * y, -p[2] * y + p[3] * x * y], axis=-1)
 
     term = nde.SDETerm(drift, lambda t, u, p: 0.1 * u, noise="diagonal")
     ts = jnp.array([0.0, T])
@@ -91,12 +92,6 @@ def make_neuralde(jax, jnp):
 
         return run
 
-    def batch_drift(t, u, p):
-        x, y = u[:, 0], u[:, 1]
-        return jnp.stack([p[0] * x - p[1] * x * y, -p[2] * y + p[3] * x * y], axis=1)
-
-    batch_term = nde.SDETerm(batch_drift, lambda t, u, p: 0.1 * u, noise="diagonal")
-
     def shared_runner(solver, adaptive):
         """The ensemble as one state of shape (paths, 2): one step sequence
         (the error norm is taken over every path) and one Brownian tree of that
@@ -105,7 +100,7 @@ def make_neuralde(jax, jnp):
         def run(keys, x):
             u0b = jnp.ones((keys.shape[0], 2))
             kw = dict(rtol=x, atol=x) if adaptive else dict(dt0=x, adaptive=False)
-            sol = nde.solve(batch_term, solver, u0b, ts, args=p, key=keys[0], max_steps=100_000, throw=False, **kw)
+            sol = nde.solve(term, solver, u0b, ts, args=p, key=keys[0], max_steps=100_000, throw=False, **kw)
             return sol.ys[-1], jnp.broadcast_to(sol.stats["num_steps"] + sol.stats["num_rejected"], keys.shape[:1])
 
         return run

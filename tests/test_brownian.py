@@ -156,7 +156,10 @@ def test_normals_quantile_and_log_match_scipy():
         z = np.asarray(jax.jit(B._ndtri)(u), np.float64)
         ref = ndtri(np.asarray(u, np.float64))
         spacing = np.spacing(np.abs(ref).astype(np.dtype(dtype))).astype(np.float64)
-        assert np.all(np.abs(z - ref) <= ulps * spacing + 2 * np.finfo(np.dtype(dtype)).eps * 0.1), dtype
+        # Near u = 1/2 the quantile is near 0, where an ulp of it is tiny: there the bound is
+        # absolute, a fifth of the type's epsilon.
+        near_zero = 0.2 * np.finfo(np.dtype(dtype)).eps
+        assert np.all(np.abs(z - ref) <= ulps * spacing + near_zero), dtype
         assert abs(z.max()) > largest and abs(z.min()) > largest
     for dtype, ulps in ((jnp.float64, 4), (jnp.float32, 5)):
         x = np.concatenate([rng.uniform(2.0**-34, 1.0, 50_000), rng.uniform(0.5, 7.0, 50_000), [1.0, 2.0, 0.5]])
