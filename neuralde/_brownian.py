@@ -50,19 +50,24 @@ path (the strong-error tests compare with the exact solution along it), so the
 resolution only bounds how far its law is from Brownian motion, not the
 convergence of a solver; it matters only for steps approaching ``delta``.
 
-Queries. Descending to a point ``u`` (one split per level, `descend`)
-records, for every level, the pieces of the path inside ``u``'s node to the
-right of ``u`` (tails) and to its left (heads), each as ``(W, I, length)``
-with ``I`` the time integral of the path relative to the piece's start. The
-``(W, H)`` of ``[s, t]`` is then the tail of ``s`` concatenated with the head
-of ``t`` at the level where the two points part (`between`): only pieces that
-lie inside ``[s, t]`` are ever added, so nothing is computed as the difference
-of two large numbers and ``H`` over a short step keeps its relative precision
-in float32 (what remains is the rounding of the top-down conditioning,
-~1e-3 relative, measured in the tests). A solver keeps the cache of its
-current time as its state (`point`, `increment_from`): a rejected step reuses
-it, an accepted one moves it to the step's end, so each step descends the tree
-once (``levels`` hashes of ``2 n`` words) rather than twice.
+Queries. Descending to a point ``u`` (one split per level, `descend`) keeps
+the ``(W, H)`` of the sibling each split sets aside. The ``(W, H)`` of
+``[s, t]`` is the concatenation of the siblings to the right of ``s``'s path
+and to the left of ``t``'s below the level where the two paths part, and of
+the two leaves' pieces (`_descend`, with the cache of ``s`` as ``left``, sums
+them as each piece's increment and time integral): only pieces that lie
+inside ``[s, t]`` are ever added, so nothing is computed as the difference of
+two large numbers and ``H`` over a short step keeps its relative precision in
+float32 (what remains is the rounding of the top-down conditioning, ~1e-3
+relative, measured in the tests). A solver keeps the cache of its current
+time as its state (`point`, `increment_from`): a rejected step reuses it, an
+accepted one moves it to the step's end, so each step descends the tree once
+rather than twice. Where the step times are shared (one solve, a `vmap` over
+keys, fixed steps) the caches keep their nodes too, and a descent reuses the
+previous one's splits down to the level where the points part and stops where
+its point is a node's boundary: fixed steps of ``2^-k`` of the span hash about
+two levels per step instead of ``levels``, adaptive ones skip the top levels
+they share.
 """
 from __future__ import annotations
 
@@ -72,6 +77,7 @@ from typing import NamedTuple
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
+import equinox.internal as eqxi
 
 #: Default depth of the tree (as `SDETerm`): leaves of (t1 - t0) * 2^-20.
 DEFAULT_LEVELS = 20
@@ -241,19 +247,184 @@ def _piece(W, H, delta, ta, tb):
 
 
 class PointCache(NamedTuple):
-    """One point ``u`` of the unit interval as the tree sees it: its leaf index
-    and, for every level ``l`` (0..levels), the ``(W, I, length)`` of the
-    pieces ``[u, end of u's node at level l]`` (tails) and ``[start of the
-    node, u]`` (heads), ``I`` being the time integral of the path relative to
-    the piece's start. Any interval's ``(W, H)`` follows from its two ends'
-    caches; a solver keeps the cache of its current time, so each step descends
-    the tree once (for its new end) instead of twice."""
+    """One point ``u`` of the unit interval as the tree sees it: its leaf
+    index, its place ``theta`` in the leaf and the leaf's ``(W, H)``, and the
+    ``(W, H)`` of the sibling that each split of its descent set aside
+    (``offs``, one row per level). A solver keeps the cache of its current
+    time, so each step descends the tree once (for its new end) instead of
+    twice.
+
+    With ``keep_nodes`` (`descend`) the cache also holds the node each split
+    went on to (``ons``, the leaf last) and ``stop``, the depth the descent
+    went to: a point on the boundary of a node of level ``stop < levels`` (a
+    multiple of ``2^-stop``) needs nothing below it, and its rows from
+    ``stop`` on are zeros."""
 
     index: jax.Array
     theta: jax.Array
     leaf: tuple
-    tails: tuple
-    heads: tuple
+    offs: tuple
+    ons: tuple = None
+    stop: jax.Array = None
+
+
+def _unit_position(u, levels, dtype):
+    """Leaf index and place in the leaf of ``u`` in ``[0, 1]``."""
+    if not 1 <= levels <= 30:
+        raise ValueError(f"`levels` must be between 1 and 30; got {levels}.")
+    scale = 2.0**levels
+    x = jnp.clip(jnp.asarray(u, dtype), 0, 1) * scale
+    i = jnp.clip(jnp.floor(x), 0, scale - 1)
+    return i.astype(jnp.uint32), x - i
+
+
+def _descend(seed, u, n, levels, dtype, keep_nodes, left):
+    """Walk the tree down to the leaf holding ``u``: one split per level.
+
+    ``left``: the cache of a point ``u_a <= u``; the walk then also sums the
+    ``(W, H)`` of ``[u_a, u]`` (returned with the cache of ``u``).
+
+    ``keep_nodes``: the walk skips what it can, and keeps what the next walk
+    needs to (`PointCache`). It reuses ``left``'s splits (when ``left`` kept
+    its nodes) down to the level where the two points part, that split too
+    (halves swapped), and stops at the level where ``u`` lies on a node's
+    boundary: for steps of ``2^-k`` of the span it hashes about two levels per
+    step instead of ``levels``. Each node is a function of the seed and its
+    place in the tree alone, so the reused numbers are those a full descent
+    computes: the path does not depend on the order of the queries. Each
+    level's split runs when any `jax.vmap` lane needs it (`unvmap_any`) and
+    lanes that do not keep their reused values: lanes at the same times (fixed
+    steps, shared steps) skip together, lanes at scattered times skip little
+    and pay the selects."""
+    i, theta = _unit_position(u, levels, dtype)
+    z = _normals(seed, jnp.uint32(0), n, dtype)
+    root = (z[0], z[1] / math.sqrt(12.0))
+    # Node 0 holds the root's (W, H); node k >= 1 the split of heap node k.
+    lazy = keep_nodes and left is not None and left.ons is not None
+    ls = jnp.arange(levels)
+
+    def bit_of(index, l):
+        return ((index >> (levels - 1 - l).astype(jnp.uint32)) & jnp.uint32(1)).astype(bool)
+
+    def split(node, l, bit, W, H):
+        h = jnp.asarray(2.0, dtype) ** (-l.astype(dtype))
+        lo, hi = _split(seed, node, h, W, H, dtype)
+        on = (jnp.where(bit, hi[0], lo[0]), jnp.where(bit, hi[1], lo[1]))
+        off = (jnp.where(bit, lo[0], hi[0]), jnp.where(bit, lo[1], hi[1]))
+        return on, off
+
+    part = None
+    if left is not None:
+        # The level whose split sends the two points to different halves
+        # (``levels``: the same leaf).
+        differ = left.index ^ i
+        part = jnp.where(differ == 0, levels, levels - 1 - (
+            31 - lax.clz(jnp.where(differ == 0, jnp.uint32(1), differ)).astype(jnp.int32)))
+    stop = None
+    if keep_nodes:
+        # u on the boundary of a node of level ``stop``: ``i`` ends in
+        # ``levels - stop`` zero bits and theta is 0 (u = 0: stop = 0).
+        trailing = lax.population_count((i & (~i + jnp.uint32(1))) - jnp.uint32(1)).astype(jnp.int32)
+        stop = jnp.where(theta == 0, jnp.maximum(levels - trailing, 0), levels).astype(jnp.int32)
+    left_stop = None if not lazy else left.stop
+
+    def level(carry, inp):
+        node, (W, H) = carry
+        l, a_off, a_on = inp
+        bit = bit_of(i, l)
+        if not keep_nodes:
+            on, off = split(node, l, bit, W, H)
+            return (2 * node + bit.astype(jnp.uint32), on), (off, None)
+        zeros = (jnp.zeros_like(W), jnp.zeros_like(H))
+        if lazy:
+            reused = (l <= part) & (l < left_stop)
+            swap = l == part
+            old_on = jax.tree_util.tree_map(lambda x, y: jnp.where(swap, x, y), a_off, a_on)
+            old_off = jax.tree_util.tree_map(lambda x, y: jnp.where(swap, x, y), a_on, a_off)
+        else:
+            reused = jnp.asarray(False)
+            old_on = old_off = zeros
+        keep = reused | (l >= stop)
+        # Below ``stop`` nothing is needed: zeros (a skipped split's rows).
+        old_on = jax.tree_util.tree_map(lambda x: jnp.where(l >= stop, 0, x), old_on)
+        old_off = jax.tree_util.tree_map(lambda x: jnp.where(l >= stop, 0, x), old_off)
+
+        def run(_):
+            on, off = split(node, l, bit, W, H)
+            pick = lambda new, old: jnp.where(keep, old, new)  # noqa: E731
+            return jax.tree_util.tree_map(pick, on, old_on), jax.tree_util.tree_map(pick, off, old_off)
+
+        on, off = lax.cond(eqxi.unvmap_any(~keep), run, lambda _: (old_on, old_off), None)
+        return (2 * node + bit.astype(jnp.uint32), on), (off, on)
+
+    xs = (ls, left.offs if lazy else None, left.ons if lazy else None)
+    (_, leaf), (offs, ons) = lax.scan(level, (jnp.uint32(1), root), xs)
+    cache = PointCache(index=i, theta=theta, leaf=leaf, offs=offs, ons=ons, stop=stop)
+    if left is None:
+        return cache, None
+    # Below the level where the points part: the siblings right of u_a's path
+    # (its tail within the node where they part) and left of u's (its head
+    # there). Each piece adds its increment w and its time integral
+    # m (h + w/2) (length m, Lévy area h); a piece also adds its length times
+    # the increment of the pieces before it. The weights are scalars of the
+    # two paths' bits, so each sum is one pass over the siblings' rows.
+    m = jnp.asarray(2.0, dtype) ** (-(ls + 1).astype(dtype))
+    below = ls > part
+    a_stop = levels if left.stop is None else left.stop
+    in_tail = below & ~bit_of(left.index, ls) & (ls < a_stop)
+    in_head = below & bit_of(i, ls)
+    c_tail = jnp.where(in_tail, m, 0)
+    c_head = jnp.where(in_head, m, 0)
+    m_tail = jnp.sum(c_tail)
+    m_head = jnp.sum(c_head)
+    # The tail runs from u_a up the levels (deepest sibling first): before the
+    # sibling at level l come u_a's first piece and the siblings below l. The
+    # head runs from the shallowest sibling down, then u's leaf piece.
+    after_tail = jnp.cumsum(c_tail) - c_tail  # tail length of the siblings above l
+    after_head = m_head - jnp.cumsum(c_head)  # head length of the siblings below l
+
+    def weighted(weights, rows):
+        return sum(weights[l] * rows[l] for l in range(levels))
+
+    (aw, ah), (bw, bh) = left.offs, offs
+    tW = weighted(in_tail.astype(dtype), aw)
+    tI = weighted(c_tail, ah) + weighted(jnp.where(in_tail, m / 2 + after_tail, 0), aw)
+    hW = weighted(in_head.astype(dtype), bw)
+    hI = weighted(c_head, bh) + weighted(jnp.where(in_head, m / 2 + after_head, 0), bw)
+    delta = jnp.asarray(2.0**-levels, dtype)
+    one, zero = jnp.ones((), dtype), jnp.zeros((), dtype)
+    # u_a's first piece: its leaf's right of it; where u_a stopped early, the
+    # whole node of level ``stop`` that it starts.
+    lw, li = _piece(left.leaf[0], left.leaf[1], delta, left.theta, one)
+    first = (lw, li, delta * (1 - left.theta))
+    if left.stop is not None:
+        m_stop = jnp.asarray(2.0, dtype) ** (-left.stop.astype(dtype))
+        node_w = jnp.where(left.stop == 0, root[0], left.ons[0][jnp.maximum(left.stop - 1, 0)])
+        node_h = jnp.where(left.stop == 0, root[1], left.ons[1][jnp.maximum(left.stop - 1, 0)])
+        whole = (node_w, m_stop * (node_h + node_w / 2), m_stop)
+        first = jax.tree_util.tree_map(lambda x, y: jnp.where(left.stop < levels, x, y), whole, first)
+    tail = (first[0] + tW, first[1] + tI + m_tail * first[0], first[2] + m_tail)
+    if left.stop is not None:
+        # u_a stopped above the parting level: its tail there is the whole
+        # left half of the parting node, u's sibling at that level.
+        m_part = jnp.asarray(2.0, dtype) ** (-(jnp.minimum(part, levels - 1) + 1).astype(dtype))
+        sw = offs[0][jnp.minimum(part, levels - 1)]
+        sh = offs[1][jnp.minimum(part, levels - 1)]
+        half = (sw, m_part * (sh + sw / 2), m_part)
+        tail = jax.tree_util.tree_map(lambda x, y: jnp.where(part >= left.stop, x, y), half, tail)
+    # u's head: the siblings, then its leaf's piece left of it.
+    rw, ri = _piece(leaf[0], leaf[1], delta, zero, theta)
+    head = (hW + rw, hI + ri + delta * theta * hW, m_head + delta * theta)
+    W_far, I_far, len_far = _cat(tail, head)
+    W_near, I_near = _piece(leaf[0], leaf[1], delta, left.theta, theta)
+    len_near = delta * (theta - left.theta)
+    same = part == levels
+    W = jnp.where(same, W_near, W_far)
+    I = jnp.where(same, I_near, I_far)
+    length = jnp.where(same, len_near, len_far)
+    safe = jnp.where(length > 0, length, 1)
+    H = jnp.where(length > 0, I / safe - W / 2, 0)
+    return cache, (W, H)
 
 
 def _cat(a, b):
@@ -263,77 +434,15 @@ def _cat(a, b):
     return wa + wb, ia + ib + lb * wa, la + lb
 
 
-def descend(seed, u, n: int, levels: int = DEFAULT_LEVELS, dtype=jnp.float64) -> PointCache:
-    """Walk the tree down to the leaf holding ``u`` (in ``[0, 1]``): one
-    split per level."""
-    if not 1 <= levels <= 30:
-        raise ValueError(f"`levels` must be between 1 and 30; got {levels}.")
-    scale = 2.0**levels
-    x = jnp.clip(jnp.asarray(u, dtype), 0, 1) * scale
-    i = jnp.clip(jnp.floor(x), 0, scale - 1)
-    theta = x - i
-    i = i.astype(jnp.uint32)
-    # Node 0 holds the root's (W, H); node k >= 1 the split of heap node k.
-    z = _normals(seed, jnp.uint32(0), n, dtype)
-    root = (z[0], z[1] / math.sqrt(12.0))
-
-    def level(carry, l):
-        node, (W, H) = carry
-        h = jnp.asarray(2.0, dtype) ** (-l.astype(dtype))
-        bit = ((i >> (levels - 1 - l).astype(jnp.uint32)) & jnp.uint32(1)).astype(bool)
-        left, right = _split(seed, node, h, W, H, dtype)
-        on = (jnp.where(bit, right[0], left[0]), jnp.where(bit, right[1], left[1]))
-        off = (jnp.where(bit, left[0], right[0]), jnp.where(bit, left[1], right[1]))
-        return (2 * node + bit.astype(jnp.uint32), on), (bit, off)
-
-    (_, leaf), (bits, (sw, sh)) = lax.scan(level, (jnp.uint32(1), root), jnp.arange(levels))
-    delta = jnp.asarray(1.0 / scale, dtype)
-    one, zero = jnp.ones((), dtype), jnp.zeros((), dtype)
-    tail_leaf = (*_piece(leaf[0], leaf[1], delta, theta, one), delta * (1 - theta))
-    head_leaf = (*_piece(leaf[0], leaf[1], delta, zero, theta), delta * theta)
-
-    def up(carry, inp):
-        tail, head = carry
-        bit, w, hh, m = inp
-        sib = (w, m * (hh + w / 2), m)
-        tail = jax.tree_util.tree_map(lambda a, b: jnp.where(bit, a, b), tail, _cat(tail, sib))
-        head = jax.tree_util.tree_map(lambda a, b: jnp.where(bit, b, a), head, _cat(sib, head))
-        return (tail, head), (tail, head)
-
-    ms = jnp.asarray(2.0, dtype) ** (-(jnp.arange(levels) + 1).astype(dtype))
-    _, (tails, heads) = lax.scan(up, (tail_leaf, head_leaf), (bits, sw, sh, ms), reverse=True)
-    # Level `levels` (the leaf) last: index l holds the pieces within u's node at level l.
-    tails = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b[None]]), tails, tail_leaf)
-    heads = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b[None]]), heads, head_leaf)
-    return PointCache(index=i, theta=theta, leaf=leaf, tails=tails, heads=heads)
-
-
-def between(a: PointCache, b: PointCache, levels: int = DEFAULT_LEVELS):
-    """``(W, H)`` over ``[u_a, u_b]`` (``u_a <= u_b``) from the two ends' caches."""
-    x = a.index ^ b.index
-    same = x == 0
-    # The ends part at level d (the highest differing bit of the leaf indices):
-    # [u_a, u_b] = tail of u_a within its node at level d+1 ++ head of u_b within its.
-    d = (levels - 1) - (31 - lax.clz(jnp.where(same, jnp.uint32(1), x)).astype(jnp.int32))
-    k = jnp.clip(d + 1, 0, levels)
-    tail = jax.tree_util.tree_map(lambda v: v[k], a.tails)
-    head = jax.tree_util.tree_map(lambda v: v[k], b.heads)
-    W_far, I_far, len_far = _cat(tail, head)
-    delta = jnp.asarray(2.0**-levels, b.theta.dtype)
-    W_near, I_near = _piece(b.leaf[0], b.leaf[1], delta, a.theta, b.theta)
-    len_near = delta * (b.theta - a.theta)
-    W = jnp.where(same, W_near, W_far)
-    I = jnp.where(same, I_near, I_far)
-    length = jnp.where(same, len_near, len_far)
-    safe = jnp.where(length > 0, length, 1)
-    H = jnp.where(length > 0, I / safe - W / 2, 0)
-    return W, H
+def descend(seed, u, n: int, levels: int = DEFAULT_LEVELS, dtype=jnp.float64, keep_nodes: bool = False) -> PointCache:
+    """The cache of ``u`` in ``[0, 1]`` (``keep_nodes``: see `PointCache`)."""
+    return _descend(seed, u, n, levels, dtype, keep_nodes, None)[0]
 
 
 def unit_increment(seed, us, ut, n: int, levels: int = DEFAULT_LEVELS, dtype=jnp.float64):
     """``(W, H)`` of a standard Brownian motion on ``[0, 1]`` over ``[us, ut]``
     (``0 <= us <= ut <= 1``), each of shape ``(n,)``."""
-    return between(descend(seed, us, n, levels, dtype), descend(seed, ut, n, levels, dtype), levels)
+    return _descend(seed, ut, n, levels, dtype, False, descend(seed, us, n, levels, dtype))[1]
 
 
 def increment(seed, t0, t1, s, t, n: int, levels: int = DEFAULT_LEVELS, dtype=jnp.float64):
@@ -347,15 +456,18 @@ def increment(seed, t0, t1, s, t, n: int, levels: int = DEFAULT_LEVELS, dtype=jn
     return root * W, root * H
 
 
-def point(seed, t0, t1, s, n: int, levels: int = DEFAULT_LEVELS, dtype=jnp.float64) -> PointCache:
-    """The cache of time ``s`` of the Brownian motion on ``[t0, t1]``."""
-    return descend(seed, (s - t0) / (t1 - t0), n, levels, dtype)
+def point(seed, t0, t1, s, n: int, levels: int = DEFAULT_LEVELS, dtype=jnp.float64,
+          keep_nodes: bool = False) -> PointCache:
+    """The cache of time ``s`` of the Brownian motion on ``[t0, t1]``
+    (``keep_nodes``: see `PointCache`)."""
+    return descend(seed, (s - t0) / (t1 - t0), n, levels, dtype, keep_nodes)
 
 
 def increment_from(seed, t0, t1, cache_s: PointCache, t, n: int, levels: int = DEFAULT_LEVELS,
                    dtype=jnp.float64):
-    """``(W, H, cache_t)`` over ``[s, t]`` given the cache of ``s``: one descent."""
-    cache_t = point(seed, t0, t1, t, n, levels, dtype)
-    W, H = between(cache_s, cache_t, levels)
+    """``(W, H, cache_t)`` over ``[s, t]`` given the cache of ``s`` (``s <= t``):
+    one descent, restarted from ``cache_s``'s nodes where it kept them (the
+    new cache keeps its nodes too)."""
+    cache_t, (W, H) = _descend(seed, (t - t0) / (t1 - t0), n, levels, dtype, cache_s.ons is not None, cache_s)
     root = jnp.sqrt(t1 - t0).astype(dtype)
     return root * W, root * H, cache_t

@@ -52,7 +52,7 @@ class Problem:
     SDEs, the dense history for delay equations)."""
 
     def __init__(self, term, args, direction, rtol=None, atol=None, span=None, reverse_steps=False,
-                 vjp_steps=False):
+                 vjp_steps=False, tree_restart=False):
         self.term = term
         self.args = args
         self.direction = direction
@@ -72,6 +72,13 @@ class Problem:
         #: `jax.jvp` (`LoopConfig`): such a loop may then be a `custom_vjp`
         #: (`stored_while_loop`).
         self.vjp_steps = vjp_steps
+        #: Whether the Brownian tree's caches keep their nodes, so that each
+        #: descent reuses the previous one's top levels and stops where its
+        #: point is a node's boundary (`_brownian.PointCache`): where the step
+        #: times are shared -- outside a `jax.vmap` that `solve` sees (a
+        #: `vmap` over keys alone is not one), or with fixed steps. Lanes of
+        #: adaptive steps scatter in time, and would skip little.
+        self.tree_restart = tree_restart
 
     def vf(self, s, y):
         d = self.direction
@@ -97,7 +104,7 @@ class Problem:
         each step descends the tree once, for its new end (`brownian_step`)."""
         t0, t1, s0 = lax.stop_gradient((*self.span, s0))
         return _brownian.point(self.term.seed, t0, t1, s0, self.term.noise_size(y), self.term.brownian_levels,
-                               s0.dtype)
+                               s0.dtype, keep_nodes=self.tree_restart)
 
     def brownian_step(self, cache, s1, y):
         """``(dW, H, cache of s1)`` over ``[s0, s1]`` from the cache of ``s0``."""
@@ -391,7 +398,11 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
     span = s_end - s_start
     valid_times = jnp.all(s_save[1:] > s_save[:-1])
     problem = Problem(term, args, direction, rtol, atol, span=(s_start, s_end),
-                      reverse_steps=config.reverse_steps, vjp_steps=config.vjp_steps)
+                      reverse_steps=config.reverse_steps, vjp_steps=config.vjp_steps,
+                      tree_restart=config.lanes == 1 or not config.adaptive)
+    #: Whether the steps are chosen by error control (a solver whose step can
+    #: fail -- a Newton iteration -- cannot be retried shorter without it).
+    problem.adaptive = adaptive
     # Times the steps must land on (None for ODE solvers: no code is traced).
     breakpoints = solver.breakpoints(problem, s_start)
 
@@ -815,6 +826,7 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
         step_cond=step_cond, save_passed=save_passed, save_index=save_index, interpolate_step=interpolate_step,
         save_times=s_save, write_dense=write_dense, drop_last=drop_last, add_last=add_last,
         split_times=split_times, join_times=join_times, moving_steps=breakpoints is not None, step_size=step_size,
+        adaptive=adaptive, times_of=lambda p: p[0][:2], with_times=lambda p, t: (p[0].at[:2].set(t), *p[1:]),
         report=lambda p: report(_unpack(p)),
         step_index=lambda p: _unpack(p).num_steps,
         start=start, finalize=finalize, run_while=run_while, run_bounded=run_bounded,
@@ -836,7 +848,10 @@ class Program(NamedTuple):
     ``split_times``/``join_times`` separate a carry's times and counters from
     its states (``moving_steps``: the step ends depend on more than the save
     times, as a delay equation's breakpoints on its lags); ``step_size(packed)``
-    is the step a carry proposes next; ``finalize`` packages the result;
+    is the step a carry proposes next; ``times_of(packed)`` is a carry's
+    time and proposed step as one array of two, ``with_times(packed, tdt)``
+    the carry with them replaced (the same in a `drop_last` carry); ``adaptive``:
+    whether the steps are chosen by error control; ``finalize`` packages the result;
     ``run_while``/``run_bounded`` are the two ready-made loops
     (``run_while(return_carry=True)`` returns the final carry too)."""
 
@@ -860,6 +875,9 @@ class Program(NamedTuple):
     join_times: Any
     moving_steps: bool
     step_size: Any
+    adaptive: bool
+    times_of: Any
+    with_times: Any
     report: Any
     step_index: Any
     start: Any

@@ -192,3 +192,55 @@ def test_float32_solve_through_a_top_word_node():
     sol = nde.solve(term, nde.EulerMaruyama(), jnp.ones(1, jnp.float32), jnp.array([0.0, u, 1.0], jnp.float32),
                     dt0=1e-3, adaptive=False, key=jax.random.key(2), throw=False)
     assert int(sol.status) == 0 and np.all(np.isfinite(np.asarray(sol.ys)))
+
+
+def _query_sequence(levels):
+    """(s, t, accept) of a solver-like walk over [0, 1]: fixed dyadic steps,
+    rejected attempts (t shortened, then accepted), steps inside one leaf, a
+    step of length zero, and a step from a dyadic point into its own first
+    leaf."""
+    rng = np.random.default_rng(11)
+    ends = list(np.arange(1, 17) / 16)  # dyadic fixed steps from 0
+    s, out = ends[7], []
+    out += [(a, b, True) for a, b in zip([0.0] + ends[:7], ends[:8])]
+    while s < 0.95:
+        h = rng.uniform(1e-3, 3e-2)
+        for _ in range(rng.integers(0, 3)):
+            out.append((s, min(1.0, s + 2 * h), False))
+        out.append((s, min(1.0, s + h), True))
+        s = min(1.0, s + h)
+    leaf = 2.0**-levels
+    out += [(s, s, True), (s, s + leaf / 3, True), (s + leaf / 3, s + leaf / 2, True)]
+    d = 0.96875  # 31/32: a dyadic point, then a step into its first leaf
+    out += [(s + leaf / 2, d, True), (d, d + leaf / 4, True), (d + leaf / 4, 1.0, True)]
+    return [np.array(x) for x in zip(*out)]
+
+
+@pytest.mark.parametrize("levels", [6, 20])
+def test_restarted_descents_equal_fresh_ones(levels):
+    # A solver's caches keep their nodes where the step times are shared: each
+    # descent then reuses the previous one's splits down to where the points
+    # part and stops at a node boundary. Same numbers as two fresh descents per
+    # step (the plain code path), on one path and under a vmap over seeds.
+    s, t, accept = _query_sequence(levels)
+    seeds = SEEDS[:3]
+
+    def walk(seed):
+        c0 = B.descend(seed, s[0], 3, levels, keep_nodes=True)
+
+        def body(c, x):
+            ti, acc = x
+            W, H, nc = B.increment_from(seed, 0.0, 1.0, c, ti, 3, levels)
+            return jax.tree_util.tree_map(lambda a, b: jnp.where(acc, a, b), nc, c), (W, H)
+
+        return jax.lax.scan(body, c0, (jnp.asarray(t), jnp.asarray(accept)))[1]
+
+    got = jax.jit(jax.vmap(walk))(seeds)
+    one = jax.jit(walk)(seeds[1])
+    ref = jax.jit(jax.vmap(jax.vmap(lambda sd, a, b: B.unit_increment(sd, a, b, 3, levels),
+                                    in_axes=(None, 0, 0)), in_axes=(0, None, None)))(seeds, s, t)
+    scale = np.sqrt(np.maximum(t - s, 1e-300))[None, :, None]
+    for g, o, r in zip(got, one, ref):
+        err = np.abs(np.asarray(g) - np.asarray(r)) / np.maximum(scale, 1e-3)
+        assert err.max() < 1e-12, err.max()
+        np.testing.assert_allclose(np.asarray(o), np.asarray(g)[1], rtol=0, atol=1e-14)

@@ -55,7 +55,12 @@ class CheckpointAdjoint(AbstractSensitivity):
     and walk run the backward step's own primal (the transposition skipped
     while recomputing), so the compiled program holds one copy of the step
     for both. A solve that fits in ``C`` steps is never recomputed, and a
-    longer one is recomputed once, whatever its number of steps.
+    longer one is recomputed once, whatever its number of steps. An adaptive
+    solve that strides also records every attempt's time and step size (two
+    scalars per attempt, ``max_steps`` of them), and the recomputation replays
+    them: recomputed in another kernel, a carry rounds differently, and the
+    step-size controller would carry the difference on (an SDE's accept/reject
+    sequence drifts off the forward pass's within a few attempts).
 
     With ``checkpoints=None``, ``C = max_steps`` (every step, no stride) while
     the buffer takes at most 16 MiB, counting every lane of a `jax.vmap` that
@@ -181,6 +186,10 @@ def _fwd_steps(prog, d, slots):
     its arithmetic, is what a solve spends). ``prog`` is the solve's
     `_steps_view`."""
     strided = slots < prog.max_iters
+    # Strided adaptive solves also record every attempt's time and proposed
+    # step (two numbers per attempt), which the backward pass's recomputation
+    # replays (see `_bwd_steps`).
+    record = strided and prog.adaptive
 
     def attempt(packed, ys, dense):
         step_index = prog.step_index(packed)
@@ -197,6 +206,9 @@ def _fwd_steps(prog, d, slots):
         # ``it`` and ``stride`` stay unbatched under `jax.vmap` (see
         # `_masked_iteration`), so the writes are in place.
         packed, ys, dense, it, stride, ckpts = c
+        if record:
+            ckpts, times = ckpts
+            times = lax.dynamic_update_index_in_dim(times, prog.times_of(packed), it, 0)
         if strided:
             due = it % stride == 0
             slot = jnp.minimum(it // stride, slots - 1)
@@ -207,6 +219,8 @@ def _fwd_steps(prog, d, slots):
         else:
             ckpts = jtu.tree_map(
                 lambda b, x: lax.dynamic_update_index_in_dim(b, x, jnp.minimum(it, slots - 1), 0), ckpts, packed)
+        if record:
+            ckpts = (ckpts, times)
         return (*attempt(packed, ys, dense), it + 1, stride, ckpts)
 
     def full(c):
@@ -225,7 +239,10 @@ def _fwd_steps(prog, d, slots):
         compact = full(c)
         move = lambda m, ck: jtu.tree_map(  # noqa: E731
             lambda b: lax.dynamic_update_index_in_dim(b, b[2 * m], m, 0), ck)
-        ckpts = lax.fori_loop(0, jnp.where(compact, half, 0), move, ckpts)
+        if record:
+            ckpts = (lax.fori_loop(0, jnp.where(compact, half, 0), move, ckpts[0]), ckpts[1])
+        else:
+            ckpts = lax.fori_loop(0, jnp.where(compact, half, 0), move, ckpts)
         stride = jnp.where(compact, 2 * stride, stride)
         return lax.while_loop(lambda c: running(c) & ~full(c), body, (packed, ys, dense, it, stride, ckpts))
 
@@ -233,6 +250,9 @@ def _fwd_steps(prog, d, slots):
         # The checkpoint buffer is made inside: as an input it would be a
         # large constant, which `single_kernel` does not take.
         ckpts = jtu.tree_map(lambda x: jnp.zeros((slots,) + x.shape, x.dtype), packed)
+        if record:
+            tdt = prog.times_of(packed)
+            ckpts = (ckpts, jnp.zeros((prog.max_iters,) + tdt.shape, tdt.dtype))
         init = (packed, ys, dense, jnp.asarray(0, jnp.int32), jnp.asarray(1, jnp.int32), ckpts)
         return lax.while_loop(running, epoch if strided else body, init)
 
@@ -242,7 +262,8 @@ def _fwd_steps(prog, d, slots):
     # loop, compiled in one program, round alike (see `_bwd_steps`).
     run = (lambda f, *a: f(*a)) if strided else single_kernel
     packed, ys, dense, n_iter, stride, ckpts = run(loop, prog.packed, prog.ys, prog.dense)
-    return prog.finalize(packed, ys, dense), (d, ckpts, n_iter, stride, prog.save_index(packed))
+    ckpts, times = ckpts if record else (ckpts, None)
+    return prog.finalize(packed, ys, dense), (d, ckpts, n_iter, stride, prog.save_index(packed), times)
 
 
 def _bwd_steps(steps_program, prog, res, ct_out, max_stride, const_mask=None):
@@ -258,7 +279,7 @@ def _bwd_steps(steps_program, prog, res, ct_out, max_stride, const_mask=None):
     both phases run the same iteration, the primal of the backward step
     (`_back_step` with ``refill``), so the program holds one copy of the step
     for both, its transposition skipped while refilling."""
-    d, ckpts, n_iter, stride, last_saved = res
+    d, ckpts, n_iter, stride, last_saved, times = res
     (ct_ys, ct_hist), _ = ct_out
     s_save = prog.save_times
     first = jtu.tree_map(lambda b: b[0], ckpts)
@@ -292,6 +313,14 @@ def _bwd_steps(steps_program, prog, res, ct_out, max_stride, const_mask=None):
                 refill = n < count - 1
                 j = jnp.where(refill, n, 2 * count - 2 - n)
                 p = jtu.tree_map(lambda b: b[j], carries)
+                if times is not None:
+                    # The attempt's time and step as the forward loop had them.
+                    # Recomputed in another kernel, a carry rounds differently,
+                    # and an adaptive step size carries the difference on; an
+                    # SDE's accept/reject sequence then drifts from the forward
+                    # pass's within a few steps (gradients off by 10-30%, or
+                    # NaN from a step of length zero).
+                    p = prog.with_times(p, times[k * stride + j])
                 i0 = prog.save_index(p)
                 new, ct_packed, ct_d, ct_s = back_step(p, ct_packed, ct_d, ct_ys, ct_hist, first, (i0, nxt, ct_s),
                                                        refill)
