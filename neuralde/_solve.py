@@ -17,7 +17,7 @@ from ._loop import LoopConfig, build_program
 from ._solution import Solution, status_messages
 from ._brownian import seed_from_key
 from ._terms import AbstractTerm, DDETerm, SDETerm
-from .sensitivity import AbstractSensitivity, BacksolveAdjoint, CheckpointAdjoint
+from .sensitivity import AbstractSensitivity, BacksolveAdjoint, CheckpointAdjoint, ReverseMode
 from .solvers import AbstractSolver
 
 
@@ -52,7 +52,17 @@ def solve(
         args: any pytree passed to the vector field; differentiable.
         sensitivity: how gradients are computed: `CheckpointAdjoint()` (the
             default; ``None`` means the same), `ReverseMode()`, `ForwardMode()`
-            or `BacksolveAdjoint()`.
+            or `BacksolveAdjoint()`. The two adjoints are reverse-mode rules
+            (`jax.custom_vjp`); when `solve` is called under forward-mode
+            differentiation (`jax.jvp`, `jax.jacfwd`, `jax.linearize`; not
+            the outer `jax.jacfwd` of `jax.hessian`, which differentiates the
+            custom rule itself: see `_autodiff_sensitivity`), it differentiates
+            the steps taken directly instead, as `ForwardMode` does. A
+            transformation applied outside a `jax.jit` (or `lax.scan`,
+            `jax.checkpoint`, ...) that encloses `solve` is not visible to it:
+            for `jax.jvp(jax.jit(f))` pass ``sensitivity=ForwardMode()`` or
+            ``ReverseMode()`` explicitly, or apply `jax.jit` outside `jax.jvp`
+            (`jax.jit(lambda x: jax.jvp(f, ...))`).
         rtol, atol: tolerances of the adaptive step-size controller.
         dt0: initial step (adaptive solvers; chosen automatically if ``None``) or
             the fixed step (fixed-step solvers, ``adaptive=False``). Its sign is
@@ -94,6 +104,7 @@ def solve(
     # does not recompile the solve.
     rtol, atol = _as_scalar(rtol), _as_scalar(atol)
     dt0 = None if dt0 is None else _as_scalar(dt0)
+    sensitivity = _autodiff_sensitivity(sensitivity)
     return _solve_jit(
         term, solver, y0, t, args, sensitivity, rtol, atol, dt0,
         adaptive=adaptive, max_steps=int(max_steps), dense=bool(dense), throw=bool(throw),
@@ -164,6 +175,79 @@ def _vmap_lanes(tree) -> int:
             x = val
         lanes = max(lanes, n)
     return lanes
+
+
+class _DirectForward(AbstractSensitivity):
+    """The solve's while loop with no custom rule: JAX's forward mode goes
+    through the steps actually taken, one tangent per direction (the
+    derivative `ForwardMode` computes, without building the whole Jacobian
+    first). What `_autodiff_sensitivity` runs a custom-VJP sensitivity as under
+    forward-mode differentiation only; the loop cannot be reverse-differentiated."""
+
+    def run(self, build, inputs):
+        return build(inputs).run_while()
+
+
+def _autodiff_modes() -> tuple:
+    """The automatic-differentiation transformations `solve` is called under,
+    innermost first: ``"fwd"`` for `jax.jvp` (also inside `jax.jacfwd`);
+    ``"rev"`` for the linearisation of `jax.grad`/`jax.vjp`/`jax.jacrev` (a
+    `LinearizeTrace` with ``is_vjp``, which is transposed); ``"lin"`` for that
+    of `jax.linearize` (a `LinearizeTrace` without, whose linear function is
+    evaluated forwards). Read off JAX's trace stack: `jax.vmap`s between them
+    are skipped; the walk stops at the first other
+    trace (a `jax.jit`, `lax.scan`, `jax.checkpoint`, ... being traced: what
+    encloses it is unknown here, and its trace is cached and reused under any
+    transformation). Empty outside any, or if JAX's internals moved."""
+    try:
+        from jax._src import core as jax_core
+        from jax._src.interpreters.ad import JVPTrace, LinearizeTrace
+        from jax._src.interpreters.batching import BatchTrace
+    except ImportError:  # pragma: no cover - JAX internals moved
+        return ()
+    modes = []
+    trace = getattr(getattr(jax_core, "trace_ctx", None), "trace", None)
+    while trace is not None:
+        if isinstance(trace, JVPTrace):
+            modes.append("fwd")
+        elif isinstance(trace, LinearizeTrace):
+            modes.append("rev" if getattr(trace, "is_vjp", True) else "lin")
+        elif not isinstance(trace, BatchTrace):
+            break
+        trace = getattr(trace, "parent_trace", None)
+    return tuple(modes)
+
+
+def _autodiff_sensitivity(sensitivity):
+    """The sensitivity method that can take the transformations `solve` is
+    called under. `CheckpointAdjoint` and `BacksolveAdjoint` are `jax.custom_vjp`
+    rules, which JAX cannot differentiate in forward mode. Under `jax.jvp`s
+    only (`jax.jacfwd` included) the plain loop (`_DirectForward`) runs
+    instead. When a reverse-mode linearisation is innermost and no other one
+    is further out (`jax.grad`, `jax.jacrev`, and
+    forward over reverse: `jax.hessian`, `jax.jvp(jax.grad(f))`), the custom
+    rule stays: its forward and backward passes are ordinary JAX code, which
+    the outer forward-mode transformations differentiate. Any other mix with a
+    forward mode (reverse over forward, `jax.grad(jax.jvp(...))`; two reverse
+    modes and a forward one; `jax.linearize`, whose linearisation of a
+    `while_loop` JAX cannot make) runs `ReverseMode`, whose bounded loop is
+    differentiable to any order. Without a forward mode nothing changes (reverse
+    over reverse, `jax.grad(jax.grad(...))`, is not supported by the custom
+    rules; pass ``sensitivity=ReverseMode()`` for it).
+
+    A transformation counts whether or not it differentiates this solve's
+    inputs (a closed-over traced array is not visible from here): an unrelated
+    `jax.jvp` further out only costs the plain loop or `ReverseMode`."""
+    if not isinstance(sensitivity, (CheckpointAdjoint, BacksolveAdjoint)):
+        return sensitivity
+    modes = _autodiff_modes()
+    if "fwd" not in modes and "lin" not in modes:
+        return sensitivity
+    if all(m == "fwd" for m in modes):
+        return _DirectForward()
+    if modes[0] == "rev" and all(m == "fwd" for m in modes[1:]):
+        return sensitivity
+    return ReverseMode()
 
 
 # --------------------------------------------------------------------- checks
