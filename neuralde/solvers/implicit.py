@@ -20,10 +20,24 @@ tolerance-scaled RMS norm) is monitored: the stage stops when ``eta_k |dZ_k| <=
 kappa`` with ``eta_k = theta_k / (1 - theta_k)``, after at least two
 iterations; it fails when ``theta_k >= 1``,
 when the rate predicts no convergence within the iteration limit, or at the
-limit. A failed stage fails the step (`StepInfo(ok=False)`): the loop rejects it
-and retries with a shorter step, with a fresh Jacobian if the failed one was
-reused. ``J`` is kept across steps while Newton converges fast (largest rate
-below ``reuse_theta``); slow convergence or a rejected step refreshes it.
+limit. A failure with a ``J`` kept from an earlier step refreshes ``J`` (at
+``(t0, y0)``) and solves the stage again from its predictor within the same
+attempt; a failure with a fresh ``J`` fails the step (`StepInfo(ok=False)`):
+the loop rejects it and halves the step. ``J`` is kept across steps while
+Newton converges fast (largest rate below ``reuse_theta``); slow convergence
+refreshes it.
+
+Fixed steps (``solve(..., adaptive=False)``) cannot be retried shorter, and
+their truncation error has no relation to the tolerance (far below it at small
+steps, far above it at large ones), so there the iteration (i) may take up to
+``fixed_newton_iters`` iterations (the failure tests above use that limit),
+and (ii) after meeting the tolerance test goes on while the corrections
+contract, until the predicted Newton error is at the round-off of the stage
+values (``8 eps |Y|``) or the rate exceeds 1/2 (the corrections are then
+round-off noise): the stage values are then the method's to round-off, and a
+convergence study shows the method's order at any tolerance. Meeting the
+tolerance test stays the condition of success; a correction that grows again
+after it fails the stage only if it exceeds ``kappa``.
 
 The error estimate ``dt sum_j (b_j - bhat_j) k_j`` is filtered through
 ``(I - gamma dt J)^-1`` (Hairer & Wanner II, IV.8, eq. (8.19) in the SDIRK form;
@@ -55,6 +69,7 @@ import dataclasses
 from typing import ClassVar
 
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -222,6 +237,13 @@ def _rms(x):
     return jnp.sqrt(jnp.mean(jnp.square(x)))
 
 
+def _fixed_steps(problem) -> bool:
+    """Whether the loop takes fixed steps (``solve(..., adaptive=False)``),
+    where a failed step ends the solve instead of being retried shorter
+    (``problem.adaptive``; a caller's problem without it: adaptive)."""
+    return not bool(getattr(problem, "adaptive", True))
+
+
 class ESDIRK(AbstractSolver):
     """An ESDIRK method given by ``tableau`` (see the module docstring).
 
@@ -233,7 +255,12 @@ class ESDIRK(AbstractSolver):
             ``kappa`` in the tolerance-scaled norm (Hairer & Wanner use
             0.01--0.1; 0.05 left the Newton error visible at the save times of
             HIRES and ROBER, 6e-4 relative at rtol 1e-7, against 3e-5 with 0.01).
-        max_newton_iters: iteration limit per stage; reaching it fails the step.
+        max_newton_iters: iteration limit per stage (per Jacobian: a stage that
+            fails with a kept Jacobian is solved again with a fresh one);
+            reaching it fails the step.
+        fixed_newton_iters: the limit with fixed steps (``adaptive=False``),
+            where the stages are solved to round-off and a failed step ends the
+            solve (at least ``max_newton_iters``).
         reuse_theta: keep the Jacobian for the next step when every stage of
             an accepted step converged with rate below this (``0`` refreshes
             it every step).
@@ -245,6 +272,7 @@ class ESDIRK(AbstractSolver):
     linear_solver: str = eqx.field(static=True, default="lu")
     kappa: float = eqx.field(static=True, default=0.01)
     max_newton_iters: int = eqx.field(static=True, default=8)
+    fixed_newton_iters: int = eqx.field(static=True, default=20)
     reuse_theta: float = eqx.field(static=True, default=0.1)
     gmres_tol: float = eqx.field(static=True, default=1e-8)
     gmres_restart: int = eqx.field(static=True, default=20)
@@ -260,7 +288,7 @@ class ESDIRK(AbstractSolver):
             raise ValueError(
                 f"`linear_solver` must be 'lu' or 'gmres'; got {self.linear_solver!r}."
             )
-        if not (self.max_newton_iters >= 1 and self.kappa > 0):
+        if not (self.max_newton_iters >= 1 and self.fixed_newton_iters >= 1 and self.kappa > 0):
             raise ValueError(
                 f"`max_newton_iters` must be >= 1 and `kappa` > 0; got {self.max_newton_iters} and {self.kappa}."
             )
@@ -286,6 +314,10 @@ class ESDIRK(AbstractSolver):
         nd = n - _num_quadrature(problem, y0)
         h = dt.astype(dtype)
         gamma = tab.gamma
+        use_lu = self.linear_solver == "lu"
+        # Fixed steps (``adaptive=False``): a failed step cannot be retried with
+        # a shorter one, so Newton iterates further (see the module docstring).
+        fixed = _fixed_steps(problem)
 
         def f(t, y):
             return ravel_pytree(problem.vf(t, unravel(y)))[0]
@@ -304,38 +336,48 @@ class ESDIRK(AbstractSolver):
         def f_dyn(y_dyn):
             return f(t0c, jnp.concatenate([y_dyn, y0_const[nd:]]))[:nd]
 
-        if self.linear_solver == "lu":
-            jac = lax.cond(
-                refresh,
-                lambda: jax.jacfwd(f_dyn)(y0_const[:nd]).astype(dtype),
-                lambda: lax.stop_gradient(jac_old),
-            )
-            jac = lax.stop_gradient(jac)
-            lu = _lu_factor(jnp.eye(nd, dtype=dtype) - (gamma * hc) * jac)
+        eye = jnp.eye(nd, dtype=dtype)
 
-            def solve_dyn(rhs):
-                return _lu_solve(lu, rhs)
+        def fresh_jacobian():
+            return lax.stop_gradient(jax.jacfwd(f_dyn)(y0_const[:nd]).astype(dtype))
+
+        def factor(jac_):
+            lu_, perm_ = _lu_factor(eye - (gamma * hc) * jac_)
+            # (The pivots travel as floats: they are aux outputs of
+            # `custom_root`, which attaches float tangents to them.)
+            return lax.stop_gradient(lu_), lax.stop_gradient(perm_.astype(dtype))
+
+        jac = lax.stop_gradient(jac_old)
+        if use_lu:
+            # Factorised by the first implicit stage's Newton iteration (after
+            # refreshing J if ``refresh``): the code that builds the Newton
+            # matrix is then traced once, for that and for a refresh after a
+            # failure (see `stage`).
+            lu, perm = jnp.zeros((nd, nd), dtype), jnp.zeros((nd,), dtype)
         else:
-            jac = jac_old
+            # Matrix-free: the linearisation is taken at (t0, y0) in every step.
+            lu, perm = jnp.zeros((0, 0), dtype), jnp.zeros((0,), dtype)
             _, jvp0 = jax.linearize(f_dyn, y0_const[:nd])
 
-            def solve_dyn(rhs):
+        def newton_solve(lu_, perm_, rhs):
+            if use_lu:
+                x = _lu_solve((lu_, perm_.astype(jnp.int32)), rhs[:nd])
+            else:
                 op = lambda v: v - (gamma * hc) * jvp0(v)  # noqa: E731
-                return jssl.gmres(op, rhs, tol=self.gmres_tol, restart=self.gmres_restart)[0]
-
-        def newton_solve(rhs):
+                x = jssl.gmres(op, rhs[:nd], tol=self.gmres_tol, restart=self.gmres_restart)[0]
             if nd == n:
-                return solve_dyn(rhs)
-            return jnp.concatenate([solve_dyn(rhs[:nd]), rhs[nd:]])
+                return x
+            return jnp.concatenate([x, rhs[nd:]])
 
-        kappa, kmax = self.kappa, self.max_newton_iters
+        kappa = self.kappa
+        kmax = max(self.max_newton_iters, self.fixed_newton_iters) if fixed else self.max_newton_iters
+        eps = float(jnp.finfo(dtype).eps)
         tiny_ = float(jnp.finfo(dtype).tiny)
-
 
         def tangent_solve(g, rhs):
             # Implicit function theorem: solve g(x) = rhs with g the exact
             # linearisation of the stage residual at the converged stage.
-            if self.linear_solver == "lu":
+            if use_lu:
                 mat = jax.jacfwd(g)(rhs)
                 return _lu_solve(_lu_factor(mat), rhs)
             return jssl.gmres(g, rhs, tol=1e-12, restart=self.gmres_restart)[0]
@@ -345,7 +387,8 @@ class ESDIRK(AbstractSolver):
         c = jnp.asarray(tab.c, dtype)
 
         def stage(carry, i):
-            ks, ok, iters, theta_max = carry
+            ks, ok, iters, theta_max, lu_c, perm_c, jac_c, fresh_c, njac = carry
+            first = i == 1
             base = h * (a_mat[i] @ ks)
             z_pred = h * (pred[i] @ ks)
             t_i = t0 + c[i] * h
@@ -354,16 +397,46 @@ class ESDIRK(AbstractSolver):
                 return z - (gamma * h) * f(t_i, y0f + z) - base
 
             def solve(res_fn, z_init):
+                # Simplified Newton from ``z_init``. A failure with a Jacobian
+                # kept from an earlier step does not fail the stage: the
+                # Jacobian is refreshed (at (t0, y0)) and the stage solved again
+                # from its predictor, in this attempt (Hairer & Wanner II, IV.8).
                 def cond(st):
-                    k, _, _, done, fail, _ = st
-                    return ~done & ~fail & (k < kmax)
+                    k_att, stop, fail, pending = st[1], st[5], st[6], st[12]
+                    return ~stop & ~fail & ((k_att < kmax) | pending)
 
                 def body(st):
-                    k, z, ndz_prev, _, _, th_max = st
-                    dz = -newton_solve(res_fn(z))
+                    k, k_att, z, ndz_prev, met, _, _, th_max, lu_, perm_, jac_, fresh, pending, nref = st
+                    if use_lu:
+                        # ``pending``: (re)build the Newton matrix before this
+                        # iteration, with a fresh J if ``want_jac``: in the first
+                        # stage (J fresh if the state asks for it) and after a
+                        # failure with a kept J. (`unvmap_any`: under `vmap` a
+                        # real branch, taken only when some lane needs it; the
+                        # others keep their values.)
+                        want_jac = pending & ((k > 0) | refresh)
+
+                        def rebuild():
+                            jac_n = lax.cond(eqxi.unvmap_any(want_jac), fresh_jacobian, lambda: jac_)
+                            jac_n = jnp.where(want_jac, jac_n, jac_)
+                            lu_n, perm_n = factor(jac_n)
+                            return tuple(jnp.where(pending, new, old) for new, old in
+                                         ((lu_n, lu_), (perm_n, perm_), (jac_n, jac_)))
+
+                        lu_, perm_, jac_ = lax.cond(eqxi.unvmap_any(pending), rebuild,
+                                                    lambda: (lu_, perm_, jac_))
+                        # (A no-op before the first iteration.)
+                        z = jnp.where(pending, z_init, z)
+                        k_att = jnp.where(pending, 0, k_att)
+                        ndz_prev = jnp.where(pending, 1.0, ndz_prev).astype(dtype)
+                        met = met & ~pending
+                        th_max = jnp.where(pending, 0.0, th_max).astype(dtype)
+                        fresh = fresh | want_jac
+                        nref = nref + want_jac.astype(nref.dtype)
+                    dz = -newton_solve(lu_, perm_, res_fn(z))
                     z = z + dz
                     ndz = _rms(dz[:nd] / scale)
-                    theta = jnp.where(k > 0, ndz / jnp.maximum(ndz_prev, tiny_), 0.0)
+                    theta = jnp.where(k_att > 0, ndz / jnp.maximum(ndz_prev, tiny_), 0.0)
                     eta_ = theta / jnp.maximum(1 - theta, tiny_)
                     # At least two iterations, so that the rate is measured: Hairer &
                     # Wanner's guess for the first one (the previous stage's rate)
@@ -375,48 +448,90 @@ class ESDIRK(AbstractSolver):
                     # ROBER at t ~ 1e8 a "diverging" 3e-4 -> 4e-4 otherwise failed
                     # most steps of Kvaerno5).
                     tiny = (ndz <= 0.1 * kappa) & (ndz_prev <= 0.1 * kappa)
-                    done = ((k > 0) & ((eta_ * ndz <= kappa) | tiny)) | (ndz == 0)
-                    slow = (k > 0) & (theta ** (kmax - 1 - k) / jnp.maximum(1 - theta, tiny_) * ndz > kappa)
-                    fail = ~done & (((k > 0) & (theta >= 1.0)) | slow | ~jnp.isfinite(ndz))
-                    return k + 1, z, ndz, done, fail, jnp.maximum(th_max, theta)
+                    crit = ((k_att > 0) & ((eta_ * ndz <= kappa) | tiny)) | (ndz == 0)
+                    # Predicted not to meet the tolerance within the iteration limit.
+                    slow = (k_att > 0) & (theta ** (kmax - 1 - k_att) / jnp.maximum(1 - theta, tiny_) * ndz > kappa)
+                    diverging = (k_att > 0) & (theta >= 1.0)
+                    finite = jnp.isfinite(ndz)
+                    if not fixed:
+                        met = stop = crit
+                        fail = ~crit & (diverging | slow | ~finite)
+                        th_max = jnp.maximum(th_max, theta)
+                    else:
+                        # The tolerance test decides success, but the stage goes on
+                        # while the corrections contract, down to round-off: the
+                        # Newton error must stay below the truncation error of the
+                        # step whatever dt is, while the tolerance only bounds it.
+                        # ``rho``: round-off of the stage value in the scaled norm.
+                        rho = _rms(8 * eps * (jnp.abs(y0_const) + jnp.abs(y0_const + z))[:nd] / scale)
+                        at_roundoff = (ndz <= rho) | ((k_att > 0) & (eta_ * ndz <= rho))
+                        stalled = (k_att > 0) & (theta >= 0.5)
+                        # The rate of the iterations that count (not of those at
+                        # round-off, where it is noise): it decides Jacobian reuse.
+                        th_max = jnp.where(met, th_max, jnp.maximum(th_max, theta))
+                        met_now = met | crit
+                        stop = met_now & (at_roundoff | stalled)
+                        # Before the tolerance is met: fail as in adaptive mode (with
+                        # the longer limit); after it, a growing correction ends
+                        # the iteration and fails the stage only if it is not small.
+                        fail = ~finite | (~met_now & (diverging | slow)) | (met & diverging & (ndz > kappa))
+                        met = met_now
+                    k_att = k_att + 1
+                    fail = fail | ((k_att >= kmax) & ~met)
+                    pending = fail & ~fresh if use_lu else jnp.asarray(False)
+                    fail = fail & ~pending
+                    return k + 1, k_att, z, ndz, met, stop, fail, th_max, lu_, perm_, jac_, fresh, pending, nref
 
-                init = (jnp.asarray(0), z_init, jnp.asarray(1.0, dtype), jnp.asarray(False), ~ok,
-                        jnp.asarray(0.0, dtype))
-                k, z, _, done, _, th_max = lax.while_loop(cond, body, init)
+                false = jnp.asarray(False)
+                zero = jnp.asarray(0)
+                init = (zero, zero, z_init, jnp.asarray(1.0, dtype), false, false, ~ok, jnp.asarray(0.0, dtype),
+                        lu_c, perm_c, jac_c, fresh_c, first & ok & use_lu, zero)
+                k, _, z, _, met, _, fail, th_max, lu_n, perm_n, jac_n, _, _, nref = lax.while_loop(cond, body, init)
+                done = met & ~fail
                 # An unconverged stage fails the step; return a finite point so that
                 # the (discarded) derivative of the rejected step stays finite.
                 z = jnp.where(done, z, z_init)
                 # (custom_root attaches tangents to the aux outputs: keep them float.)
-                return z, jnp.stack([done.astype(dtype), k.astype(dtype), th_max])
+                flags = jnp.stack([done.astype(dtype), k.astype(dtype), th_max, nref.astype(dtype)])
+                return z, (flags, lu_n, perm_n, jac_n)
 
             z, aux = lax.custom_root(residual, lax.stop_gradient(z_pred), solve, tangent_solve, has_aux=True)
-            aux = lax.stop_gradient(aux)
-            done, k, th_max = aux[0] > 0.5, aux[1].astype(jnp.int32), aux[2]
+            flags, lu_n, perm_n, jac_n = lax.stop_gradient(aux)
+            done, k, th_max, refreshed = flags[0] > 0.5, flags[1].astype(jnp.int32), flags[2], flags[3] > 0.5
             k_i = (z - base) / (gamma * h)
             ks = lax.dynamic_update_index_in_dim(ks, k_i, i, 0)  # (not a scatter: see _SMALL_LU)
-            carry = (ks, ok & done, iters + k, jnp.maximum(theta_max, th_max))
+            # After a refresh the rate of the failed iteration no longer counts.
+            theta_max = jnp.where(refreshed, th_max, jnp.maximum(theta_max, th_max))
+            carry = (ks, ok & done, iters + k, theta_max, lu_n, perm_n, jac_n, fresh_c | refreshed,
+                     njac + flags[3].astype(jnp.int32))
             return carry, z
 
         ks0 = lax.dynamic_update_index_in_dim(jnp.zeros((s, n), dtype), k1, 0, 0)
-        carry0 = (ks0, jnp.asarray(True), jnp.asarray(0), jnp.asarray(0.0, dtype))
-        (ks, ok, iters, theta_max), zs = lax.scan(stage, carry0, jnp.arange(1, s))
+        # (``fresh``: whether J is fresh; the first stage makes it so if ``refresh``.)
+        fresh0 = jnp.asarray(False) if use_lu else jnp.asarray(True)
+        njac0 = jnp.asarray(0, jnp.int32) if use_lu else refresh.astype(jnp.int32)
+        carry0 = (ks0, jnp.asarray(True), jnp.asarray(0), jnp.asarray(0.0, dtype), lu, perm, jac, fresh0, njac0)
+        (ks, ok, iters, theta_max, lu, perm, jac, _, njac), zs = lax.scan(stage, carry0, jnp.arange(1, s))
         y1f = y0f + zs[-1]
         err_raw = lax.stop_gradient(h * (jnp.asarray(tab.b - tab.bhat, dtype) @ ks))
-        y_err = newton_solve(err_raw) if self.filter_error else err_raw
+        y_err = newton_solve(lu, perm, err_raw) if self.filter_error else err_raw
         # Cubic Hermite through (y0, k_1) and (y1, k_s).
         k_end = ks[-1]
         dy = y1f - y0f
         coeffs_f = jnp.stack([h * k1, 3 * dy - h * (2 * k1 + k_end), -2 * dy + h * (k1 + k_end)])
 
         ok = ok & jnp.all(jnp.isfinite(y1f))
-        # Keep J for the next step only while Newton converged fast with it; a
-        # rejected step keeps a fresh J (still at y0) and refreshes a reused one.
+        # Keep J for the next step only while Newton converged fast with it.
         new_state = (jac, theta_max > self.reuse_theta)
-        reject_state = (jac, ~refresh)
-        # A failure with a reused J is retried at the same step with a fresh J;
-        # with a fresh J the step is halved.
-        fail_factor = jnp.where(refresh, 0.5, 1.0)
-        stats = (refresh.astype(jnp.int32), iters.astype(jnp.int32))
+        if use_lu:
+            # A failed attempt had a fresh J (a reused one is refreshed within
+            # the attempt): the step is halved and keeps that J (still at y0).
+            reject_state = (jac, jnp.asarray(False))
+            fail_factor = jnp.asarray(0.5)
+        else:
+            reject_state = (jac, ~refresh)
+            fail_factor = jnp.where(refresh, 0.5, 1.0)
+        stats = (njac, iters.astype(jnp.int32))
         info = StepInfo(nfev=(1 + iters).astype(jnp.int32), ok=ok, stats=stats, fail_factor=fail_factor,
                         reject_state=reject_state)
         coeffs = jax.vmap(unravel)(coeffs_f) if problem.dense_output else None
