@@ -380,8 +380,8 @@ def _descend(seed, u, n, levels, dtype, keep_nodes, left):
     # The tail runs from u_a up the levels (deepest sibling first): before the
     # sibling at level l come u_a's first piece and the siblings below l. The
     # head runs from the shallowest sibling down, then u's leaf piece.
-    after_tail = jnp.cumsum(c_tail) - c_tail  # tail length of the siblings above l
-    after_head = m_head - jnp.cumsum(c_head)  # head length of the siblings below l
+    after_tail = _exclusive_sums(c_tail)  # tail length of the siblings above l
+    after_head = m_head - _exclusive_sums(c_head) - c_head  # head length of the siblings below l
 
     def weighted(weights, rows):
         return sum(weights[l] * rows[l] for l in range(levels))
@@ -425,6 +425,16 @@ def _descend(seed, u, n, levels, dtype, keep_nodes, left):
     safe = jnp.where(length > 0, length, 1)
     H = jnp.where(length > 0, I / safe - W / 2, 0)
     return cache, (W, H)
+
+
+def _exclusive_sums(c):
+    """``[0, c[0], c[0] + c[1], ...]`` of a short vector, as adds (`jnp.cumsum`
+    lowers to a `reduce_window`, which `single_kernel` does not take)."""
+    acc, out = jnp.zeros((), c.dtype), []
+    for k in range(c.shape[0]):
+        out.append(acc)
+        acc = acc + c[k]
+    return jnp.stack(out)
 
 
 def _cat(a, b):
