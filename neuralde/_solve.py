@@ -100,6 +100,8 @@ def solve(
             f"`dt0` is required: {type(solver).__name__}() is a fixed-step solver and dt0 is its step "
             "size. Pass e.g. dt0=0.01, or use an adaptive solver such as Tsit5()."
         )
+    if isinstance(term, DDETerm) and not adaptive:
+        solver = _history_for_fixed_steps(solver, term, dt0)
     # Numbers become (weakly typed) arrays so that a new tolerance or step size
     # does not recompile the solve.
     rtol, atol = _as_scalar(rtol), _as_scalar(atol)
@@ -330,6 +332,29 @@ def _as_scalar(x):
     return x
 
 
+def _history_for_fixed_steps(solver, term, dt0):
+    """A `MethodOfSteps` whose history buffer is too short for fixed steps of
+    ``dt0``, with a longer one: a window of the largest lag holds about
+    ``max(lags) / dt0`` steps (and a few more where breakpoints cut one), which
+    a convergence study with small steps would overflow (status
+    ``HISTORY_OVERFLOW``). Only where ``dt0`` and the lags are known numbers."""
+    import dataclasses
+    import math
+
+    from .solvers.delay import MethodOfSteps
+
+    if not isinstance(solver, MethodOfSteps) or not _concrete(dt0) or not all(_concrete(x) for x in term.lags):
+        return solver
+    step = abs(float(np.asarray(dt0)))
+    lag = max(abs(float(np.asarray(x))) for x in term.lags)
+    if not (step > 0 and math.isfinite(lag / step)):
+        return solver
+    need = int(math.ceil(lag / step)) + 2 * len(term.lags) + 4
+    if need <= solver.max_history:
+        return solver
+    return dataclasses.replace(solver, max_history=need)
+
+
 def _concrete(x) -> bool:
     return x is not None and not isinstance(x, jax.core.Tracer)
 
@@ -467,9 +492,15 @@ def _check_diffusion(term, t0, y0, args):
         )
 
 
+class UnsupportedSensitivityError(TypeError, NotImplementedError):
+    """A sensitivity method that does not support the problem given: a
+    `TypeError` (the argument does not fit, as API.md's errors are) and a
+    `NotImplementedError`."""
+
+
 def _check_delay(term, t, y0, args, sensitivity):
     if isinstance(sensitivity, BacksolveAdjoint):
-        raise NotImplementedError(
+        raise UnsupportedSensitivityError(
             "`sensitivity` BacksolveAdjoint() does not support delay equations (the adjoint of a DDE "
             "is itself a DDE, advanced in the opposite direction). Use CheckpointAdjoint() (the "
             "default), ReverseMode() or ForwardMode()."

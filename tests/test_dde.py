@@ -492,3 +492,19 @@ def test_neural_dde_vmap_and_grad():
     # Adaptive steps (rtol 1e-8): finite differences see the step sequence change.
     assert abs(predicted - fd) <= 1e-4 * max(1.0, abs(fd)), (predicted, fd)
     assert float(jnp.abs(grads.field.lags[0])) > 0
+
+
+def test_fixed_small_steps_get_a_history_that_covers_the_lag():
+    # 200 RK4 steps of 0.005 fall in a window of the lag 1, more than
+    # MethodOfSteps' default 128-step history: solve sizes the buffer for the
+    # fixed step (it stopped with HISTORY_OVERFLOW before). y' = -y(t - 1) with
+    # history 1 is a cubic on [2, 3], which RK4 integrates exactly on steps
+    # that land on the breakpoints: y(3) = -1/6.
+    term = nde.DDETerm(lambda t, y, h, a: -h(t - 1.0), lambda s, a: jnp.ones(1), (1.0,))
+    sol = nde.solve(term, nde.MethodOfSteps(nde.RK4()), jnp.ones(1), jnp.array([0.0, 3.0]), dt0=0.005,
+                    throw=False)
+    assert int(sol.status) == int(nde.Status.SUCCESS)
+    np.testing.assert_allclose(np.asarray(sol.ys[-1]), [-1.0 / 6.0], rtol=0, atol=1e-12)
+    with pytest.raises(TypeError, match="BacksolveAdjoint"):
+        nde.solve(term, nde.MethodOfSteps(nde.Tsit5()), jnp.ones(1), jnp.array([0.0, 3.0]),
+                  sensitivity=nde.BacksolveAdjoint())
