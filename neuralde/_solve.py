@@ -333,8 +333,8 @@ def _as_scalar(x):
 
 
 def _history_for_fixed_steps(solver, term, dt0):
-    """A `MethodOfSteps` whose history buffer is too short for fixed steps of
-    ``dt0``, with a longer one: a window of the largest lag holds about
+    """A `MethodOfSteps` whose default history buffer is too short for fixed
+    steps of ``dt0``, with a longer one: a window of the largest lag holds about
     ``max(lags) / dt0`` steps (and a few more where breakpoints cut one), which
     a convergence study with small steps would overflow (status
     ``HISTORY_OVERFLOW``). Only where ``dt0`` and the lags are known numbers."""
@@ -350,8 +350,9 @@ def _history_for_fixed_steps(solver, term, dt0):
     if not (step > 0 and math.isfinite(lag / step)):
         return solver
     need = int(math.ceil(lag / step)) + 2 * len(term.lags) + 4
-    if need <= solver.max_history:
-        return solver
+    default = {f.name: f.default for f in dataclasses.fields(MethodOfSteps)}["max_history"]
+    if need <= solver.max_history or solver.max_history != default:
+        return solver  # long enough, or the caller chose the length
     return dataclasses.replace(solver, max_history=need)
 
 
