@@ -384,7 +384,9 @@ def _descend(seed, u, n, levels, dtype, keep_nodes, left):
     after_head = m_head - _exclusive_sums(c_head) - c_head  # head length of the siblings below l
 
     def weighted(weights, rows):
-        return sum(weights[l] * rows[l] for l in range(levels))
+        # A vector-matrix product: one operation in the program (and a
+        # matrix-vector product for `single_kernel`).
+        return jnp.dot(weights, rows, precision=lax.Precision.HIGHEST)
 
     (aw, ah), (bw, bh) = left.offs, offs
     tW = weighted(in_tail.astype(dtype), aw)
@@ -428,13 +430,12 @@ def _descend(seed, u, n, levels, dtype, keep_nodes, left):
 
 
 def _exclusive_sums(c):
-    """``[0, c[0], c[0] + c[1], ...]`` of a short vector, as adds (`jnp.cumsum`
-    lowers to a `reduce_window`, which `single_kernel` does not take)."""
-    acc, out = jnp.zeros((), c.dtype), []
-    for k in range(c.shape[0]):
-        out.append(acc)
-        acc = acc + c[k]
-    return jnp.stack(out)
+    """``[0, c[0], c[0] + c[1], ...]`` of a short vector, as a product with a
+    triangular matrix (`jnp.cumsum` lowers to a `reduce_window`, which
+    `single_kernel` does not take)."""
+    k = c.shape[0]
+    below = jnp.tril(jnp.ones((k, k), c.dtype), -1)
+    return jnp.dot(below, c, precision=lax.Precision.HIGHEST)
 
 
 def _cat(a, b):
