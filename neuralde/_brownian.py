@@ -255,17 +255,16 @@ class PointCache(NamedTuple):
     twice.
 
     With ``keep_nodes`` (`descend`) the cache also holds the node each split
-    went on to (``ons``, the leaf last) and ``stop``, the depth the descent
-    went to: a point on the boundary of a node of level ``stop < levels`` (a
-    multiple of ``2^-stop``) needs nothing below it, and its rows from
-    ``stop`` on are zeros."""
+    went on to (``ons``, the leaf last), and the descent went only as deep as
+    its point needs (`_stop`): a point on the boundary of a node of level
+    ``stop < levels`` (a multiple of ``2^-stop``) needs nothing below it, and
+    its rows from ``stop`` on are zeros."""
 
     index: jax.Array
     theta: jax.Array
     leaf: tuple
     offs: tuple
     ons: tuple = None
-    stop: jax.Array = None
 
 
 def _unit_position(u, levels, dtype):
@@ -276,6 +275,14 @@ def _unit_position(u, levels, dtype):
     x = jnp.clip(jnp.asarray(u, dtype), 0, 1) * scale
     i = jnp.clip(jnp.floor(x), 0, scale - 1)
     return i.astype(jnp.uint32), x - i
+
+
+def _stop(i, theta, levels):
+    """The depth a point needs: ``stop`` where it lies on the boundary of a
+    node of level ``stop`` (its leaf index ``i`` ends in ``levels - stop`` zero
+    bits and ``theta`` is 0; u = 0: 0), else ``levels``."""
+    trailing = lax.population_count((i & (~i + jnp.uint32(1))) - jnp.uint32(1)).astype(jnp.int32)
+    return jnp.where(theta == 0, jnp.maximum(levels - trailing, 0), levels).astype(jnp.int32)
 
 
 def _descend(seed, u, n, levels, dtype, keep_nodes, left):
@@ -320,13 +327,9 @@ def _descend(seed, u, n, levels, dtype, keep_nodes, left):
         differ = left.index ^ i
         part = jnp.where(differ == 0, levels, levels - 1 - (
             31 - lax.clz(jnp.where(differ == 0, jnp.uint32(1), differ)).astype(jnp.int32)))
-    stop = None
-    if keep_nodes:
-        # u on the boundary of a node of level ``stop``: ``i`` ends in
-        # ``levels - stop`` zero bits and theta is 0 (u = 0: stop = 0).
-        trailing = lax.population_count((i & (~i + jnp.uint32(1))) - jnp.uint32(1)).astype(jnp.int32)
-        stop = jnp.where(theta == 0, jnp.maximum(levels - trailing, 0), levels).astype(jnp.int32)
-    left_stop = None if not lazy else left.stop
+    stop = _stop(i, theta, levels) if keep_nodes else None
+    # How deep ``left``'s descent went (all the way unless it kept its nodes).
+    left_stop = None if left is None or left.ons is None else _stop(left.index, left.theta, levels)
 
     def level(carry, inp):
         node, (W, H) = carry
@@ -335,7 +338,6 @@ def _descend(seed, u, n, levels, dtype, keep_nodes, left):
         if not keep_nodes:
             on, off = split(node, l, bit, W, H)
             return (2 * node + bit.astype(jnp.uint32), on), (off, None)
-        zeros = (jnp.zeros_like(W), jnp.zeros_like(H))
         if lazy:
             reused = (l <= part) & (l < left_stop)
             swap = l == part
@@ -343,7 +345,7 @@ def _descend(seed, u, n, levels, dtype, keep_nodes, left):
             old_off = jax.tree_util.tree_map(lambda x, y: jnp.where(swap, x, y), a_on, a_off)
         else:
             reused = jnp.asarray(False)
-            old_on = old_off = zeros
+            old_on = old_off = (jnp.zeros_like(W), jnp.zeros_like(H))
         keep = reused | (l >= stop)
         # Below ``stop`` nothing is needed: zeros (a skipped split's rows).
         old_on = jax.tree_util.tree_map(lambda x: jnp.where(l >= stop, 0, x), old_on)
@@ -359,7 +361,7 @@ def _descend(seed, u, n, levels, dtype, keep_nodes, left):
 
     xs = (ls, left.offs if lazy else None, left.ons if lazy else None)
     (_, leaf), (offs, ons) = lax.scan(level, (jnp.uint32(1), root), xs)
-    cache = PointCache(index=i, theta=theta, leaf=leaf, offs=offs, ons=ons, stop=stop)
+    cache = PointCache(index=i, theta=theta, leaf=leaf, offs=offs, ons=ons)
     if left is None:
         return cache, None
     # Below the level where the points part: the siblings right of u_a's path
@@ -370,8 +372,9 @@ def _descend(seed, u, n, levels, dtype, keep_nodes, left):
     # two paths' bits, so each sum is one pass over the siblings' rows.
     m = jnp.asarray(2.0, dtype) ** (-(ls + 1).astype(dtype))
     below = ls > part
-    a_stop = levels if left.stop is None else left.stop
-    in_tail = below & ~bit_of(left.index, ls) & (ls < a_stop)
+    in_tail = below & ~bit_of(left.index, ls)
+    if left_stop is not None:
+        in_tail = in_tail & (ls < left_stop)
     in_head = below & bit_of(i, ls)
     c_tail = jnp.where(in_tail, m, 0)
     c_head = jnp.where(in_head, m, 0)
@@ -399,21 +402,21 @@ def _descend(seed, u, n, levels, dtype, keep_nodes, left):
     # whole node of level ``stop`` that it starts.
     lw, li = _piece(left.leaf[0], left.leaf[1], delta, left.theta, one)
     first = (lw, li, delta * (1 - left.theta))
-    if left.stop is not None:
-        m_stop = jnp.asarray(2.0, dtype) ** (-left.stop.astype(dtype))
-        node_w = jnp.where(left.stop == 0, root[0], left.ons[0][jnp.maximum(left.stop - 1, 0)])
-        node_h = jnp.where(left.stop == 0, root[1], left.ons[1][jnp.maximum(left.stop - 1, 0)])
+    if left_stop is not None:
+        m_stop = jnp.asarray(2.0, dtype) ** (-left_stop.astype(dtype))
+        node_w = jnp.where(left_stop == 0, root[0], left.ons[0][jnp.maximum(left_stop - 1, 0)])
+        node_h = jnp.where(left_stop == 0, root[1], left.ons[1][jnp.maximum(left_stop - 1, 0)])
         whole = (node_w, m_stop * (node_h + node_w / 2), m_stop)
-        first = jax.tree_util.tree_map(lambda x, y: jnp.where(left.stop < levels, x, y), whole, first)
+        first = jax.tree_util.tree_map(lambda x, y: jnp.where(left_stop < levels, x, y), whole, first)
     tail = (first[0] + tW, first[1] + tI + m_tail * first[0], first[2] + m_tail)
-    if left.stop is not None:
+    if left_stop is not None:
         # u_a stopped above the parting level: its tail there is the whole
         # left half of the parting node, u's sibling at that level.
         m_part = jnp.asarray(2.0, dtype) ** (-(jnp.minimum(part, levels - 1) + 1).astype(dtype))
         sw = offs[0][jnp.minimum(part, levels - 1)]
         sh = offs[1][jnp.minimum(part, levels - 1)]
         half = (sw, m_part * (sh + sw / 2), m_part)
-        tail = jax.tree_util.tree_map(lambda x, y: jnp.where(part >= left.stop, x, y), half, tail)
+        tail = jax.tree_util.tree_map(lambda x, y: jnp.where(part >= left_stop, x, y), half, tail)
     # u's head: the siblings, then its leaf's piece left of it.
     rw, ri = _piece(leaf[0], leaf[1], delta, zero, theta)
     head = (hW + rw, hI + ri + delta * theta * hW, m_head + delta * theta)
