@@ -52,7 +52,7 @@ class Problem:
     SDEs, the dense history for delay equations)."""
 
     def __init__(self, term, args, direction, rtol=None, atol=None, span=None, reverse_steps=False,
-                 vjp_steps=False, tree_restart=False):
+                 vjp_steps=False, tree_restart=False, adaptive=True):
         self.term = term
         self.args = args
         self.direction = direction
@@ -79,6 +79,9 @@ class Problem:
         #: `vmap` over keys alone is not one), or with fixed steps. Lanes of
         #: adaptive steps scatter in time, and would skip little.
         self.tree_restart = tree_restart
+        #: Whether the steps are chosen by error control: a solver whose step
+        #: can fail (a Newton iteration) cannot be retried shorter without it.
+        self.adaptive = adaptive
 
     def vf(self, s, y):
         d = self.direction
@@ -399,10 +402,7 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
     valid_times = jnp.all(s_save[1:] > s_save[:-1])
     problem = Problem(term, args, direction, rtol, atol, span=(s_start, s_end),
                       reverse_steps=config.reverse_steps, vjp_steps=config.vjp_steps,
-                      tree_restart=config.lanes == 1 or not config.adaptive)
-    #: Whether the steps are chosen by error control (a solver whose step can
-    #: fail -- a Newton iteration -- cannot be retried shorter without it).
-    problem.adaptive = adaptive
+                      tree_restart=config.lanes == 1 or not adaptive, adaptive=adaptive)
     # Times the steps must land on (None for ODE solvers: no code is traced).
     breakpoints = solver.breakpoints(problem, s_start)
 

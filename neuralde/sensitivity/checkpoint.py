@@ -205,9 +205,8 @@ def _fwd_steps(prog, d, slots):
     def body(c):
         # ``it`` and ``stride`` stay unbatched under `jax.vmap` (see
         # `_masked_iteration`), so the writes are in place.
-        packed, ys, dense, it, stride, ckpts = c
+        packed, ys, dense, it, stride, ckpts, times = c
         if record:
-            ckpts, times = ckpts
             times = lax.dynamic_update_index_in_dim(times, prog.times_of(packed), it, 0)
         if strided:
             due = it % stride == 0
@@ -219,9 +218,7 @@ def _fwd_steps(prog, d, slots):
         else:
             ckpts = jtu.tree_map(
                 lambda b, x: lax.dynamic_update_index_in_dim(b, x, jnp.minimum(it, slots - 1), 0), ckpts, packed)
-        if record:
-            ckpts = (ckpts, times)
-        return (*attempt(packed, ys, dense), it + 1, stride, ckpts)
+        return (*attempt(packed, ys, dense), it + 1, stride, ckpts, times)
 
     def full(c):
         it, stride = c[3], c[4]
@@ -235,25 +232,23 @@ def _fwd_steps(prog, d, slots):
         # place, and doubles the stride. A loop of its own, not a branch in
         # every attempt: a `cond` with the buffer as operand would copy it in
         # and out.
-        packed, ys, dense, it, stride, ckpts = c
+        packed, ys, dense, it, stride, ckpts, times = c
         compact = full(c)
         move = lambda m, ck: jtu.tree_map(  # noqa: E731
             lambda b: lax.dynamic_update_index_in_dim(b, b[2 * m], m, 0), ck)
-        if record:
-            ckpts = (lax.fori_loop(0, jnp.where(compact, half, 0), move, ckpts[0]), ckpts[1])
-        else:
-            ckpts = lax.fori_loop(0, jnp.where(compact, half, 0), move, ckpts)
+        ckpts = lax.fori_loop(0, jnp.where(compact, half, 0), move, ckpts)
         stride = jnp.where(compact, 2 * stride, stride)
-        return lax.while_loop(lambda c: running(c) & ~full(c), body, (packed, ys, dense, it, stride, ckpts))
+        return lax.while_loop(lambda c: running(c) & ~full(c), body, (packed, ys, dense, it, stride, ckpts, times))
 
     def loop(packed, ys, dense):
         # The checkpoint buffer is made inside: as an input it would be a
         # large constant, which `single_kernel` does not take.
         ckpts = jtu.tree_map(lambda x: jnp.zeros((slots,) + x.shape, x.dtype), packed)
+        times = None
         if record:
             tdt = prog.times_of(packed)
-            ckpts = (ckpts, jnp.zeros((prog.max_iters,) + tdt.shape, tdt.dtype))
-        init = (packed, ys, dense, jnp.asarray(0, jnp.int32), jnp.asarray(1, jnp.int32), ckpts)
+            times = jnp.zeros((prog.max_iters,) + tdt.shape, tdt.dtype)
+        init = (packed, ys, dense, jnp.asarray(0, jnp.int32), jnp.asarray(1, jnp.int32), ckpts, times)
         return lax.while_loop(running, epoch if strided else body, init)
 
     prog.start()
@@ -261,8 +256,7 @@ def _fwd_steps(prog, d, slots):
     # not when strided: the backward pass recomputes carries, and it and this
     # loop, compiled in one program, round alike (see `_bwd_steps`).
     run = (lambda f, *a: f(*a)) if strided else single_kernel
-    packed, ys, dense, n_iter, stride, ckpts = run(loop, prog.packed, prog.ys, prog.dense)
-    ckpts, times = ckpts if record else (ckpts, None)
+    packed, ys, dense, n_iter, stride, ckpts, times = run(loop, prog.packed, prog.ys, prog.dense)
     return prog.finalize(packed, ys, dense), (d, ckpts, n_iter, stride, prog.save_index(packed), times)
 
 
