@@ -2,6 +2,8 @@
 package the `Solution`."""
 from __future__ import annotations
 
+import dataclasses
+import math
 import warnings
 from typing import Any, Optional
 
@@ -19,6 +21,7 @@ from ._brownian import seed_from_key
 from ._terms import AbstractTerm, DDETerm, SDETerm
 from .sensitivity import AbstractSensitivity, BacksolveAdjoint, CheckpointAdjoint, ReverseMode
 from .solvers import AbstractSolver
+from .solvers.delay import DEFAULT_HISTORY, MethodOfSteps
 
 
 def solve(
@@ -333,27 +336,21 @@ def _as_scalar(x):
 
 
 def _history_for_fixed_steps(solver, term, dt0):
-    """A `MethodOfSteps` whose default history buffer is too short for fixed
-    steps of ``dt0``, with a longer one: a window of the largest lag holds about
-    ``max(lags) / dt0`` steps (and a few more where breakpoints cut one), which
-    a convergence study with small steps would overflow (status
-    ``HISTORY_OVERFLOW``). Only where ``dt0`` and the lags are known numbers."""
-    import dataclasses
-    import math
-
-    from .solvers.delay import MethodOfSteps
-
-    if not isinstance(solver, MethodOfSteps) or not _concrete(dt0) or not all(_concrete(x) for x in term.lags):
+    """`MethodOfSteps(max_history=None)` sized for fixed steps of ``dt0``: a
+    window of the largest lag holds about ``max(lags) / dt0`` steps (and a few
+    more where breakpoints cut one), which a convergence study with small
+    steps would overflow (status ``HISTORY_OVERFLOW``) in the default buffer.
+    Only where ``dt0`` and the lags are known numbers; a ``max_history`` the
+    caller chose is kept."""
+    if not isinstance(solver, MethodOfSteps) or solver.max_history is not None or not _concrete(dt0) \
+            or not all(_concrete(x) for x in term.lags):
         return solver
     step = abs(float(np.asarray(dt0)))
     lag = max(abs(float(np.asarray(x))) for x in term.lags)
     if not (step > 0 and math.isfinite(lag / step)):
         return solver
-    need = int(math.ceil(lag / step)) + 2 * len(term.lags) + 4
-    default = {f.name: f.default for f in dataclasses.fields(MethodOfSteps)}["max_history"]
-    if need <= solver.max_history or solver.max_history != default:
-        return solver  # long enough, or the caller chose the length
-    return dataclasses.replace(solver, max_history=need)
+    need = math.ceil(lag / step) + 2 * len(term.lags) + 4
+    return dataclasses.replace(solver, max_history=max(DEFAULT_HISTORY, need))
 
 
 def _concrete(x) -> bool:

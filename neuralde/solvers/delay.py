@@ -33,7 +33,7 @@ stops with `Status.HISTORY_OVERFLOW` rather than read anything stale.
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.lax as lax
@@ -129,6 +129,11 @@ class _DelayProblem:
         return self.term.vector_field(s, y, self.h, self.args)
 
 
+#: Past steps kept by `MethodOfSteps(max_history=None)` (unless `solve` sizes
+#: the buffer for fixed steps).
+DEFAULT_HISTORY = 128
+
+
 class MethodOfSteps(AbstractSolver):
     """Solve a `DDETerm` with constant lags using ``solver`` for the steps.
 
@@ -140,7 +145,9 @@ class MethodOfSteps(AbstractSolver):
         max_history: number of past steps kept for ``h(s)`` (the buffer is in
             the loop carry, so reverse-mode memory grows with it). It must
             cover the steps taken in any window of length ``max(lags)``;
-            otherwise the solve stops with `Status.HISTORY_OVERFLOW`.
+            otherwise the solve stops with `Status.HISTORY_OVERFLOW`. ``None``
+            (the default): 128, or with fixed steps of a known ``dt0`` as many
+            as a window of the largest lag holds, if more (`solve` sizes it).
         max_fixed_point_iters: corrections per step when the step is longer
             than the smallest lag (see the module docstring).
         fixed_point_tol: convergence threshold of those corrections, as a
@@ -152,7 +159,7 @@ class MethodOfSteps(AbstractSolver):
     """
 
     solver: AbstractSolver
-    max_history: int = 128
+    max_history: Optional[int] = None
     max_fixed_point_iters: int = 10
     fixed_point_tol: float = 0.01
 
@@ -166,6 +173,8 @@ class MethodOfSteps(AbstractSolver):
             )
         for name in ("max_history", "max_fixed_point_iters"):
             value = getattr(self, name)
+            if value is None and name == "max_history":
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"MethodOfSteps({name}=...): expected a positive integer; got {value!r}.")
         if not (isinstance(self.fixed_point_tol, (int, float)) and self.fixed_point_tol > 0):
@@ -213,7 +222,7 @@ class MethodOfSteps(AbstractSolver):
         return _sort_small(t0 + jnp.stack(sums).astype(jnp.result_type(t0)))
 
     def init(self, problem, t0, y0):
-        width = self.max_history
+        width = DEFAULT_HISTORY if self.max_history is None else self.max_history
         dtype = jnp.result_type(t0)
         buffer = _Buffer((
             jnp.asarray(t0, dtype),
