@@ -448,12 +448,6 @@ def _attach_key(term, solver, sensitivity, key, t):
             f"{', '.join(map(repr, noise_types))}. Use EulerMaruyama() (any noise)"
             + (", or SRA1() for additive noise." if term.noise == "additive" else ".")
         )
-    if isinstance(sensitivity, BacksolveAdjoint):
-        raise TypeError(
-            "BacksolveAdjoint() does not support SDEs (the continuous adjoint of an SDE needs the stochastic "
-            "adjoint of Li et al. 2020, not implemented). Use CheckpointAdjoint() (the default), ReverseMode() "
-            "or ForwardMode(): they differentiate the computed path for the fixed key."
-        )
     if _concrete(t) and t.shape[0] >= 2 and not np.asarray(t)[-1] > np.asarray(t)[0]:
         raise ValueError("SDEs are solved forward in time: `t` must be increasing; got t[0] >= t[-1].")
     return term.with_seed(seed_from_key(key))

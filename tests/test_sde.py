@@ -361,8 +361,6 @@ def test_solver_noise_mismatch():
         nde.solve(nde.SDETerm(_drift, _diff), nde.Tsit5(), Y0, TS, key=key)
     with pytest.raises(TypeError, match="EulerMaruyama\\(\\) cannot solve a ODETerm"):
         nde.solve(nde.ODETerm(_drift), nde.EulerMaruyama(), Y0, TS, dt0=0.1)
-    with pytest.raises(TypeError, match="BacksolveAdjoint\\(\\) does not support SDEs"):
-        nde.solve(nde.SDETerm(_drift, _diff), nde.SRIW1(), Y0, TS, key=key, sensitivity=nde.BacksolveAdjoint())
 
 
 def test_term_validation():

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from .._controller import rms_norm
-from .._terms import ODETerm
+from .._terms import ODETerm, SDETerm
 from .base import AbstractSensitivity, closure_convert_term, is_symbolic_zero, unwrap_primals, zero_tangents
 
 
@@ -45,6 +45,12 @@ class BacksolveAdjoint(AbstractSensitivity):
     recovered backwards (chaotic or stiff dynamics over long spans).
     Gradients through `Solution.evaluate` (dense output) are not supported.
 
+    For an `SDETerm` this is the stochastic adjoint (Li et al. 2020): the
+    state and its adjoint are solved backwards along the same Brownian path,
+    in Stratonovich form, by the Stratonovich Heun method; see
+    `neuralde.sensitivity.sde_backsolve`. The save times get no gradient there
+    (a Brownian path has no time derivative).
+
     With an implicit solver (`Kvaerno5`, ...) the backward solve is implicit
     too; ``g`` is marked as quadrature, so the Newton matrix has the size of
     ``(y, a)`` whatever the number of parameters. That does not make stiff
@@ -56,6 +62,10 @@ class BacksolveAdjoint(AbstractSensitivity):
     seminorm: bool = True
 
     def run(self, build, inputs):
+        if isinstance(inputs[0], SDETerm):
+            from . import sde_backsolve
+
+            return sde_backsolve.run(self, build, inputs)
         term, y0, args, ts, rtol, atol, dt0 = inputs
         term = closure_convert_term(term, ts[0], y0, args)
         dyn, static = eqx.partition((term, y0, args, ts, rtol, atol, dt0), eqx.is_array)
