@@ -285,7 +285,7 @@ def _stop(i, theta, levels):
     return jnp.where(theta == 0, jnp.maximum(levels - trailing, 0), levels).astype(jnp.int32)
 
 
-def _descend(seed, u, n, levels, dtype, keep_nodes, left):
+def _descend_impl(seed, u, n, levels, dtype, keep_nodes, left):
     """Walk the tree down to the leaf holding ``u``: one split per level.
 
     ``left``: the cache of a point ``u_a <= u``; the walk then also sums the
@@ -430,6 +430,14 @@ def _descend(seed, u, n, levels, dtype, keep_nodes, left):
     safe = jnp.where(length > 0, length, 1)
     H = jnp.where(length > 0, I / safe - W / 2, 0)
     return cache, (W, H)
+
+
+# One trace per (shapes, static settings): a solve descends the tree from
+# several places (the loop's first point and its steps; a checkpointed
+# adjoint's replays and the derivative of a step), and tracing a descent
+# costs ~0.2 s. As a nested `jax.jit` each is traced once and, under `vmap`
+# and differentiation, transformed once (JAX caches both per jaxpr).
+_descend = jax.jit(_descend_impl, static_argnums=(2, 3, 4, 5))
 
 
 def _exclusive_sums(c):
