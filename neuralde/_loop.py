@@ -111,7 +111,9 @@ class Problem:
 
     def brownian_step(self, cache, s1, y):
         """``(dW, H, cache of s1)`` over ``[s0, s1]`` from the cache of ``s0``."""
-        t0, t1, s1 = lax.stop_gradient((*self.span, s1))
+        # The cache is data (the path), carried in the loop's float carry: no
+        # derivative flows through it, so none is traced through the descent.
+        t0, t1, s1, cache = lax.stop_gradient((*self.span, s1, cache))
         dw, h, cache1 = _brownian.increment_from(self.term.seed, t0, t1, cache, s1, self.term.noise_size(y),
                                                  self.term.brownian_levels, s1.dtype)
         return self.term.shape_noise(dw, y), self.term.shape_noise(h, y), cache1

@@ -476,12 +476,30 @@ def _check_diffusion(term, t0, y0, args):
                 f"With noise='general' the diffusion must return a matrix of shape (y.size, noise_dim) = {want}; "
                 f"got {got}."
             )
+        dtype = jnp.result_type(*jtu.tree_leaves(y0))
+        if out.dtype != dtype:
+            raise TypeError(
+                f"With noise='general' the diffusion returned a matrix of dtype {out.dtype}, but `y0` has dtype "
+                f"{dtype}; it must have the dtype of y. Cast the output (e.g. .astype(y.dtype))."
+            )
         return
     if not _same_layout(out, y0):
         raise ValueError(
             f"With noise={term.noise!r} the diffusion must return the structure and shapes of `y0` "
             f"({_describe(y0)}); got {_describe(out)}. For a (y.size, m) matrix use noise='general', noise_dim=m."
         )
+    _check_diffusion_dtypes(out, y0)
+
+
+def _check_diffusion_dtypes(out, y0):
+    paths = [jtu.keystr(p) or "y" for p, _ in jtu.tree_flatten_with_path(y0)[0]]
+    for path, want, got in zip(paths, jtu.tree_leaves(y0), jtu.tree_leaves(out)):
+        if want.dtype != got.dtype:
+            raise TypeError(
+                f"The diffusion returned dtype {got.dtype} for {path}, but `y0` has dtype {want.dtype}; "
+                f"it must have the dtype of y. Cast the output (e.g. .astype(y.dtype)) or create y0 with "
+                f"dtype {got.dtype}."
+            )
 
 
 class UnsupportedSensitivityError(TypeError, NotImplementedError):

@@ -103,7 +103,8 @@ class NeuralSDE(eqx.Module):
     ``jax.vmap(lambda k: model(y0, k))(jax.random.split(key, n))``. Gradients
     are those of the computed path for the fixed key (`CheckpointAdjoint` by
     default; `ReverseMode` and `ForwardMode` also work; `BacksolveAdjoint`
-    does not support SDEs). ``rtol``/``atol`` default to 1e-3: a strong
+    is the stochastic adjoint, memory O(1) in the steps, approximate to its
+    backward solve's step). ``rtol``/``atol`` default to 1e-3: a strong
     error of 1e-6 takes SRIW1 thousands of steps per path. Extra keyword
     arguments (``max_steps``, ``adaptive``, ``throw``...) are passed on.
     """

@@ -363,6 +363,18 @@ def test_solver_noise_mismatch():
         nde.solve(nde.ODETerm(_drift), nde.EulerMaruyama(), Y0, TS, dt0=0.1)
 
 
+def test_diffusion_dtype_must_match_y0():
+    key = jax.random.key(0)
+    y32 = Y0.astype(jnp.float32)
+    with pytest.raises(TypeError, match="diffusion returned dtype float64 for y, but `y0` has dtype float32"):
+        nde.solve(nde.SDETerm(lambda t, y, a: -y, lambda t, y, a: jnp.ones(1, jnp.float64)), nde.SRIW1(), y32, TS,
+                  key=key)
+    general = nde.SDETerm(lambda t, y, a: -y, lambda t, y, a: jnp.ones((1, 2), jnp.float64), noise="general",
+                          noise_dim=2)
+    with pytest.raises(TypeError, match="matrix of dtype float64, but `y0` has dtype float32"):
+        nde.solve(general, nde.EulerMaruyama(), y32, TS, key=key, dt0=0.1)
+
+
 def test_term_validation():
     with pytest.raises(ValueError, match="expected one of"):
         nde.SDETerm(_drift, _diff, noise="diag")

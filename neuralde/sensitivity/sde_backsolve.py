@@ -127,7 +127,14 @@ def run(backsolve, build, inputs):
         dt0_v = None if dt0_d is None and dt0_s is None else eqx.combine(dt0_d, dt0_s)
         adaptive, max_steps = settings["adaptive"], settings["max_steps"]
         time_dtype = ts_d.dtype
-        span0, span1 = ts_d[0], ts_d[-1]
+        # The step times and the path are data: no derivative flows through
+        # them (under forward-over-reverse, `jax.hessian`, a tangent of the
+        # step sizes would differentiate the tree's piecewise path).
+        times = lax.stop_gradient(ts_d)
+        span0, span1 = times[0], times[-1]
+        # The backward method is of lower order than the SRI methods, and may
+        # need more steps than the forward solve took.
+        max_back = _BACKWARD_STEPS_FACTOR * max_steps
         tiny = 16 * jnp.finfo(time_dtype).eps * jnp.maximum(jnp.abs(span0), jnp.abs(span1))
 
         def unpack(th):
@@ -161,7 +168,7 @@ def run(backsolve, build, inputs):
             a, g, h = carry
             a = add(a, jtu.tree_map(lambda c: c[i], ct_ys))
             y_i = jtu.tree_map(lambda y: y[i], ys)
-            t_end = ts_d[i - 1]
+            t_end = times[i - 1]
 
             def cond(c):
                 t, _, _, _, status = c
@@ -171,7 +178,7 @@ def run(backsolve, build, inputs):
                 # W(t_left) - W(t_right): the increment of a backward step.
                 dw, _ = _brownian.increment(seed, span0, span1, t_left, t_right, n_noise,
                                             term_s.brownian_levels, time_dtype)
-                return -dw
+                return lax.stop_gradient(-dw)
 
             def heun(t, z, t_next, dw):
                 dt = t_next - t
@@ -202,7 +209,7 @@ def run(backsolve, build, inputs):
                     # Local error of a strong order-1 method: O(h^1.5).
                     factor = jnp.clip(0.9 * jnp.where(err > 0, err, 1e-10) ** (-2.0 / 3.0), 0.2, 5.0)
                     factor = jnp.where(finite, factor, 0.2)
-                    h_new = h * factor.astype(time_dtype)
+                    h_new = lax.stop_gradient(h * factor.astype(time_dtype))
                     bad = jnp.zeros((), bool)
                 else:
                     z_new = heun(t, z, t_next, dw_between(t_next, t))
@@ -214,13 +221,13 @@ def run(backsolve, build, inputs):
                 z = jtu.tree_map(lambda u, v: jnp.where(accept, u, v), z_new, z)
                 n = n + 1
                 status = jnp.where(bad, Status.NONFINITE_STATE, status)
-                status = jnp.where((status == Status.SUCCESS) & (t > t_end) & (n >= max_steps),
+                status = jnp.where((status == Status.SUCCESS) & (t > t_end) & (n >= max_back),
                                    Status.MAX_STEPS_REACHED, status)
                 status = jnp.where((status == Status.SUCCESS) & (t > t_end) & (h_new < tiny),
                                    Status.STEP_SIZE_TOO_SMALL, status)
                 return t, z, h_new, n, status
 
-            init = (ts_d[i], (y_i, a, g), h, jnp.zeros((), jnp.int32), jnp.asarray(Status.SUCCESS, jnp.int32))
+            init = (times[i], (y_i, a, g), h, jnp.zeros((), jnp.int32), jnp.asarray(Status.SUCCESS, jnp.int32))
             _, (_, a1, g1), h1, _, status = lax.while_loop(cond, body, init)
             return (a1, g1, h1), status
 
@@ -231,13 +238,23 @@ def run(backsolve, build, inputs):
             h0 = h_last if dt0_v is None else dt0_v
         else:
             h0 = dt0_v
-        h0 = jnp.asarray(h0, time_dtype)
+        h0 = lax.stop_gradient(jnp.asarray(h0, time_dtype))
         (a, g, _), statuses = lax.scan(segment, (a0, g0, h0), jnp.arange(n - 1, 0, -1))
         failed = jnp.any(statuses != Status.SUCCESS)
-        # What a failed backward solve leaves is no gradient: NaN, or the error.
+        # What a failed backward solve leaves is no gradient: NaN, or the error
+        # (naming the first failure's cause).
         a, g = jtu.tree_map(lambda x: jnp.where(failed, jnp.nan, x), (a, g))
         if settings["throw"]:
-            a, g = eqx.error_if((a, g), failed, _BACKWARD_FAILED)
+            cause = jnp.max(jnp.where(statuses != Status.SUCCESS, statuses, 0))
+            index = jnp.clip(cause - 1, 0, 2)
+            a, g = eqx.branched_error_if((a, g), failed, index, [
+                _BACKWARD_FAILED.format(cause=f"it took {_BACKWARD_STEPS_FACTOR} x max_steps steps in one "
+                                        "interval between save times", fix="raise max_steps, loosen rtol/atol, "),
+                _BACKWARD_FAILED.format(cause="its step size fell below the resolution of the time span",
+                                        fix="loosen rtol/atol, "),
+                _BACKWARD_FAILED.format(cause="its state or adjoint became NaN or infinite",
+                                        fix="take smaller steps (dt0), "),
+            ])
         ct_y0 = jtu.tree_map(lambda a_, c: a_ + c[0], a, ct_ys)
         ct_term, ct_args = eqx.combine(g, zero_tangents(theta_rest))
         # A Brownian path has no time derivative: the save times get none.
@@ -249,9 +266,12 @@ def run(backsolve, build, inputs):
     return solve(dyn)
 
 
+#: How many times ``max_steps`` the backward solve may take per interval
+#: between save times.
+_BACKWARD_STEPS_FACTOR = 4
+
 _BACKWARD_FAILED = (
-    "BacksolveAdjoint: the backward solve of the stochastic adjoint system failed (it hit max_steps, a step "
-    "size too small, or NaN/inf), so the gradient would be NaN. Use CheckpointAdjoint(), which differentiates "
-    "the forward steps exactly and never integrates backwards. (With throw=False the gradient is returned as "
-    "NaN instead.)"
+    "BacksolveAdjoint: the backward solve of the stochastic adjoint system failed: {cause}, so the gradient "
+    "would be NaN. To fix it: {fix}or use CheckpointAdjoint(), which differentiates the forward steps exactly and "
+    "never integrates backwards. (With throw=False the gradient is returned as NaN instead.)"
 )
