@@ -90,22 +90,9 @@ class BacksolveAdjoint(AbstractSensitivity):
 
         def bwd(res, ct_out):
             d, ys = res
-            (ct_ys, ct_hist), _ = ct_out
-            used = [c for c in jtu.tree_leaves(ct_hist, is_leaf=is_symbolic_zero) if not is_symbolic_zero(c)]
-            if any(jnp.issubdtype(jnp.result_type(c), jnp.inexact) for c in used):
-                raise NotImplementedError(
-                    "BacksolveAdjoint cannot differentiate through Solution.evaluate (dense output): use "
-                    "CheckpointAdjoint() or ReverseMode() for that."
-                )
-            ct_ys = jtu.tree_map(lambda c, y: jnp.zeros_like(y) if is_symbolic_zero(c) else c, ct_ys, ys,
-                                 is_leaf=is_symbolic_zero)
+            ct_ys, theta, theta_rest, rtol_v, atol_v, dt0_v = backward_inputs(d, static, ys, ct_out)
             term_d, y0_d, args_d, ts_d, rtol_d, atol_d, dt0_d = d
-            term_s, _, args_s, _, rtol_s, atol_s, dt0_s = static
-            theta, theta_rest = eqx.partition((term_d, args_d), eqx.is_inexact_array)
-            rtol_v = eqx.combine(rtol_d, rtol_s)
-            atol_v = eqx.combine(atol_d, atol_s)
-            # Fixed-step solvers take the same step size backwards.
-            dt0_v = None if dt0_d is None and dt0_s is None else eqx.combine(dt0_d, dt0_s)
+            term_s, _, args_s, _, _, _, _ = static
 
             def field(t, y, th):
                 term_, args_ = eqx.combine(th, theta_rest, (term_s, args_s))
@@ -168,6 +155,28 @@ class BacksolveAdjoint(AbstractSensitivity):
 
         solve.defvjp(fwd, bwd, symbolic_zeros=True)
         return solve(dyn)
+
+
+def backward_inputs(d, static, ys, ct_out):
+    """What a backsolve rule's backward pass reads first: the save times'
+    cotangents (zeros where symbolic), the differentiated arrays ``theta`` of
+    ``(term, args)`` and the rest, and the tolerances and ``dt0`` (``None``
+    when not given; fixed-step solvers take the same step size backwards).
+    Refuses a cotangent of the dense output, which it cannot take."""
+    (ct_ys, ct_hist), _ = ct_out
+    used = [c for c in jtu.tree_leaves(ct_hist, is_leaf=is_symbolic_zero) if not is_symbolic_zero(c)]
+    if any(jnp.issubdtype(jnp.result_type(c), jnp.inexact) for c in used):
+        raise NotImplementedError(
+            "BacksolveAdjoint cannot differentiate through Solution.evaluate (dense output): use "
+            "CheckpointAdjoint() or ReverseMode() for that."
+        )
+    ct_ys = jtu.tree_map(lambda c, y: jnp.zeros_like(y) if is_symbolic_zero(c) else c, ct_ys, ys,
+                         is_leaf=is_symbolic_zero)
+    term_d, _, args_d, _, rtol_d, atol_d, dt0_d = d
+    _, _, _, _, rtol_s, atol_s, dt0_s = static
+    theta, theta_rest = eqx.partition((term_d, args_d), eqx.is_inexact_array)
+    dt0_v = None if dt0_d is None and dt0_s is None else eqx.combine(dt0_d, dt0_s)
+    return ct_ys, theta, theta_rest, eqx.combine(rtol_d, rtol_s), eqx.combine(atol_d, atol_s), dt0_v
 
 
 _BACKWARD_FAILED = (

@@ -47,7 +47,8 @@ from jax.flatten_util import ravel_pytree
 from .. import _brownian
 from .._controller import all_finite, rms_norm
 from .._solution import Status
-from .base import closure_convert_term, is_symbolic_zero, unwrap_primals, zero_tangents
+from .backsolve import backward_inputs
+from .base import closure_convert_term, unwrap_primals, zero_tangents
 
 
 def _correction(term, t, y, args):
@@ -110,21 +111,9 @@ def run(backsolve, build, inputs):
 
     def bwd(res, ct_out):
         d, ys, h_last = res
-        (ct_ys, ct_hist), _ = ct_out
-        used = [c for c in jtu.tree_leaves(ct_hist, is_leaf=is_symbolic_zero) if not is_symbolic_zero(c)]
-        if any(jnp.issubdtype(jnp.result_type(c), jnp.inexact) for c in used):
-            raise NotImplementedError(
-                "BacksolveAdjoint cannot differentiate through Solution.evaluate (dense output): use "
-                "CheckpointAdjoint() or ReverseMode() for that."
-            )
-        ct_ys = jtu.tree_map(lambda c, y: jnp.zeros_like(y) if is_symbolic_zero(c) else c, ct_ys, ys,
-                             is_leaf=is_symbolic_zero)
+        ct_ys, theta, theta_rest, rtol_v, atol_v, dt0_v = backward_inputs(d, static, ys, ct_out)
         term_d, y0_d, args_d, ts_d, rtol_d, atol_d, dt0_d = d
-        term_s, _, args_s, _, rtol_s, atol_s, dt0_s = static
-        theta, theta_rest = eqx.partition((term_d, args_d), eqx.is_inexact_array)
-        rtol_v = eqx.combine(rtol_d, rtol_s)
-        atol_v = eqx.combine(atol_d, atol_s)
-        dt0_v = None if dt0_d is None and dt0_s is None else eqx.combine(dt0_d, dt0_s)
+        term_s, _, args_s, _, _, _, _ = static
         adaptive, max_steps = settings["adaptive"], settings["max_steps"]
         time_dtype = ts_d.dtype
         # The step times and the path are data: no derivative flows through
