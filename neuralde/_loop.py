@@ -133,9 +133,14 @@ class LoopConfig(NamedTuple):
     #: Optional norm of the scaled error pytree (default: RMS over every
     #: element); the adjoint solve uses a mixed norm or seminorm.
     error_norm: Any = None
-    #: How many `jax.vmap` lanes the solve stands for (seen by `solve`; 1
-    #: outside `vmap`): adjoints size their buffers by it.
+    #: How many `jax.vmap` lanes the solve stands for (seen by `solve` on
+    #: ``y0`` and ``args``; 1 outside `vmap`): the loops mask finished lanes
+    #: by it.
     lanes: int = 1
+    #: The lanes counted for buffer sizes: also those of a `vmap` over an
+    #: SDE's keys alone (an ensemble), which ``lanes`` leaves out (the loops
+    #: run as for one solve) but which each hold their own buffers.
+    buffer_lanes: int = 1
     #: False: the initial carry's step size (with ``dt0=None``) is a zero
     #: placeholder, not the initial step selection, which evaluates the vector
     #: field: for a backward pass that needs the step functions and the
@@ -823,7 +828,7 @@ def build_program(term, y0, args, ts, rtol, atol, dt0, *, config: LoopConfig) ->
 
     return Program(
         packed=_pack(core), ys=ys, dense=dense, n_save=n_save, max_iters=max_steps + n_save, throw=config.throw,
-        lanes=config.lanes,
+        lanes=config.lanes, buffer_lanes=max(config.lanes, config.buffer_lanes),
         attempt=step_iteration,
         step_cond=step_cond, save_passed=save_passed, save_index=save_index, interpolate_step=interpolate_step,
         save_times=s_save, write_dense=write_dense, drop_last=drop_last, add_last=add_last,
@@ -864,6 +869,7 @@ class Program(NamedTuple):
     max_iters: int
     throw: bool
     lanes: int
+    buffer_lanes: int
     attempt: Any
     step_cond: Any
     save_passed: Any

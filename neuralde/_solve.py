@@ -113,13 +113,13 @@ def solve(
     return _solve_jit(
         term, solver, y0, t, args, sensitivity, rtol, atol, dt0,
         adaptive=adaptive, max_steps=int(max_steps), dense=bool(dense), throw=bool(throw),
-        progress=bool(progress), lanes=_vmap_lanes((y0, args)),
+        progress=bool(progress), lanes=_vmap_lanes((y0, args)), buffer_lanes=_vmap_lanes((y0, args, key)),
     )
 
 
 @eqx.filter_jit
 def _solve_jit(term, solver, y0, t, args, sensitivity, rtol, atol, dt0, *, adaptive, max_steps, dense, throw, progress,
-               lanes=1):
+               lanes=1, buffer_lanes=1):
     time_dtype = _time_dtype(y0)
     ts = t.astype(time_dtype)
     _check_vector_field(term, ts[0], y0, args)
@@ -137,6 +137,7 @@ def _solve_jit(term, solver, y0, t, args, sensitivity, rtol, atol, dt0, *, adapt
         progress=progress,
         throw=throw,
         lanes=lanes,
+        buffer_lanes=buffer_lanes,
     )
 
     def build(inputs, **overrides):

@@ -64,7 +64,7 @@ class CheckpointAdjoint(AbstractSensitivity):
 
     With ``checkpoints=None``, ``C = max_steps`` (every step, no stride) while
     the buffer takes at most 16 MiB, counting every lane of a `jax.vmap` that
-    `solve` is called under; otherwise as many slots as fit in 4 MiB, and at
+    `solve` is called under (a `vmap` over an SDE's keys included); otherwise as many slots as fit in 4 MiB, and at
     least about ``sqrt(max_steps)`` (so that slots and segment together hold
     about ``2 sqrt(max_steps)`` carries: a batch of 16k x 64 floats never
     costs ``max_steps`` copies of itself). The buffer is allocated whole at
@@ -119,7 +119,7 @@ class CheckpointAdjoint(AbstractSensitivity):
 
         def plan(prog):
             # ``prog`` is a `_steps_view`: its iterations are the steps.
-            return self.plan(prog.max_iters, _carry_bytes(prog.packed) * prog.lanes)
+            return self.plan(prog.max_iters, _carry_bytes(prog.packed) * prog.buffer_lanes)
 
         @jax.custom_vjp
         def solve(d):
