@@ -6,7 +6,9 @@ torchsde in one run.
     diagonal noise every library's solvers and adjoints assume),
     256 paths from y0 = (0.5, -0.3, 0.2, 0.1), Euler-Maruyama, dt = 1/100,
     loss = mean over paths of |y(1)|^2, float32, gradient w.r.t. all of
-    (f, w, c).
+    (f, w, c); max_steps = 108 (the 100 steps and a margin) for both JAX
+    libraries, and again at their default 4096 (which sizes checkpoint
+    buffers).
 
     python benchmarks/bench_sde_grad.py [--paths 256] [--rounds 5] [--no-torch] [--no-save]
 
@@ -66,13 +68,13 @@ def make_jax_cases(n_paths):
     term = nde.SDETerm(lambda t, y, p: f(y, p), lambda t, y, p: g(y, p))
     ts = jnp.array([0.0, 1.0], jnp.float32)
 
-    def ours(sensitivity):
+    def ours(sensitivity, max_steps=STEPS + 8):
         @jax.jit
         def grad(p):
             def loss(p):
                 def one(k):
                     sol = nde.solve(term, nde.EulerMaruyama(), y0, ts, args=p, key=k, dt0=DT, adaptive=False,
-                                    sensitivity=sensitivity, max_steps=STEPS + 8)
+                                    sensitivity=sensitivity, max_steps=max_steps)
                     return sol.ys[-1]
 
                 return jnp.mean(jnp.sum(jax.vmap(one)(keys) ** 2, axis=-1))
@@ -91,14 +93,16 @@ def make_jax_cases(n_paths):
 
         return jax.value_and_grad(loss)(p)
 
-    @jax.jit
-    def theirs(p):
+    def theirs(max_steps=STEPS + 8):
+        return jax.jit(lambda p: _theirs(p, max_steps))
+
+    def _theirs(p, max_steps):
         def loss(p):
             def one(k):
                 bm = diffrax.VirtualBrownianTree(0.0, 1.0, tol=2.0 ** -20, shape=(D,), key=k)
                 terms = diffrax.MultiTerm(diffrax.ODETerm(lambda t, y, a: f(y, a)),
                                           diffrax.ControlTerm(lambda t, y, a: jnp.diag(g(y, a)), bm))
-                sol = diffrax.diffeqsolve(terms, diffrax.Euler(), 0.0, 1.0, DT, y0, args=p, max_steps=STEPS + 8,
+                sol = diffrax.diffeqsolve(terms, diffrax.Euler(), 0.0, 1.0, DT, y0, args=p, max_steps=max_steps,
                                           adjoint=diffrax.RecursiveCheckpointAdjoint())
                 return sol.ys[-1]
 
@@ -112,11 +116,15 @@ def make_jax_cases(n_paths):
     floor = H.floor_grad(vf, jnp.broadcast_to(y0, (n_paths, D)), params, STEPS,
                          lambda y: jnp.mean(jnp.sum(y ** 2, axis=-1)), h=DT)
     back, check = ours(nde.BacksolveAdjoint()), ours(nde.CheckpointAdjoint())
+    check_default, theirs_default, theirs_tight = ours(nde.CheckpointAdjoint(), 4096), theirs(4096), theirs()
     cases = [
         H.Case("neuralde EM CheckpointAdjoint (vmap)", lambda: check(params), nfev=2 * STEPS),
         H.Case("neuralde EM BacksolveAdjoint (vmap)", lambda: back(params), nfev=2 * STEPS),
         H.Case("neuralde EM CheckpointAdjoint (one state)", lambda: ours_shared(params), nfev=2 * STEPS),
-        H.Case("diffrax Euler RecursiveCheckpoint (vmap)", lambda: theirs(params), nfev=2 * STEPS),
+        H.Case("diffrax Euler RecursiveCheckpoint (vmap)", lambda: theirs_tight(params), nfev=2 * STEPS),
+        H.Case("neuralde EM CheckpointAdjoint (vmap, max_steps 4096)", lambda: check_default(params), nfev=2 * STEPS),
+        H.Case("diffrax Euler RecursiveCheckpoint (vmap, max_steps 4096)", lambda: theirs_default(params),
+               nfev=2 * STEPS),
     ]
     if floor is not None:
         cases.append(H.Case("floor (scan of f + g under grad)", floor, nfev=STEPS))
