@@ -407,17 +407,26 @@ def _check_vector_field(term, t0, y0, args):
             "The vector field must return the same pytree structure as `y0`; "
             f"y0 is {_describe(y0)} but the vector field returned {_describe(out)}."
         )
-    paths = [jtu.keystr(p) or "y" for p, _ in jtu.tree_flatten_with_path(y0)[0]]
-    for path, want, got in zip(paths, jtu.tree_leaves(y0), jtu.tree_leaves(out)):
+    for path, want, got in zip(_leaf_paths(y0), jtu.tree_leaves(y0), jtu.tree_leaves(out)):
         if tuple(want.shape) != tuple(got.shape):
             raise ValueError(
                 f"The vector field returned shape {tuple(got.shape)} for {path}, but `y0` has shape "
                 f"{tuple(want.shape)} there; dy/dt must have the shape of y."
             )
+    _check_dtypes(out, y0, "vector field", "dy/dt")
+
+
+def _leaf_paths(y0):
+    return [jtu.keystr(p) or "y" for p, _ in jtu.tree_flatten_with_path(y0)[0]]
+
+
+def _check_dtypes(out, y0, who, what):
+    """``out`` (the structure of ``y0``) has ``y0``'s dtypes, leaf by leaf."""
+    for path, want, got in zip(_leaf_paths(y0), jtu.tree_leaves(y0), jtu.tree_leaves(out)):
         if want.dtype != got.dtype:
             raise TypeError(
-                f"The vector field returned dtype {got.dtype} for {path}, but `y0` has dtype {want.dtype}; "
-                f"dy/dt must have the dtype of y. Cast the output (e.g. .astype(y.dtype)) or create y0 "
+                f"The {who} returned dtype {got.dtype} for {path}, but `y0` has dtype {want.dtype}; "
+                f"{what} must have the dtype of y. Cast the output (e.g. .astype(y.dtype)) or create y0 "
                 f"with dtype {got.dtype}."
             )
 
@@ -489,18 +498,7 @@ def _check_diffusion(term, t0, y0, args):
             f"With noise={term.noise!r} the diffusion must return the structure and shapes of `y0` "
             f"({_describe(y0)}); got {_describe(out)}. For a (y.size, m) matrix use noise='general', noise_dim=m."
         )
-    _check_diffusion_dtypes(out, y0)
-
-
-def _check_diffusion_dtypes(out, y0):
-    paths = [jtu.keystr(p) or "y" for p, _ in jtu.tree_flatten_with_path(y0)[0]]
-    for path, want, got in zip(paths, jtu.tree_leaves(y0), jtu.tree_leaves(out)):
-        if want.dtype != got.dtype:
-            raise TypeError(
-                f"The diffusion returned dtype {got.dtype} for {path}, but `y0` has dtype {want.dtype}; "
-                f"it must have the dtype of y. Cast the output (e.g. .astype(y.dtype)) or create y0 with "
-                f"dtype {got.dtype}."
-            )
+    _check_dtypes(out, y0, "diffusion", "it")
 
 
 class UnsupportedSensitivityError(TypeError, NotImplementedError):
