@@ -45,45 +45,39 @@ import jax.tree_util as jtu
 from jax.flatten_util import ravel_pytree
 
 from .. import _brownian
-from .._controller import all_finite, rms_norm
+from .._controller import all_finite, rms_norm, scaled_error
 from .._solution import Status
 from .backsolve import backward_inputs
 from .base import closure_convert_term, unwrap_primals, zero_tangents
 
 
-def _correction(term, t, y, args):
-    """The Itô--Stratonovich drift correction ``c`` (the structure of ``y``)."""
+def _diffusion_and_correction(term, t, y, args):
+    """``(G, c)``: the diffusion at ``(t, y)`` and the Itô--Stratonovich drift
+    correction ``c`` (the structure of ``y``), the diffusion evaluated once
+    (`jax.linearize`: its primal, then its derivative applied as needed)."""
     noise = term.noise
     if noise == "additive":
-        return jtu.tree_map(jnp.zeros_like, y)
+        return term.g(t, y, args), jtu.tree_map(jnp.zeros_like, y)
     if noise == "scalar":
-        g = term.g(t, y, args)
-        _, dg = jax.jvp(lambda y_: term.g(t, y_, args), (y,), (g,))
-        return jtu.tree_map(lambda x: 0.5 * x, dg)
+        g, dg = jax.linearize(lambda y_: term.g(t, y_, args), y)
+        return g, jtu.tree_map(lambda x: 0.5 * x, dg(g))
     flat, unravel = ravel_pytree(y)
     if noise == "diagonal":
-        def g_flat(f):
-            return ravel_pytree(term.g(t, unravel(f), args))[0]
-
-        g, jac = jax.vmap(lambda e: jax.jvp(g_flat, (flat,), (e,)), out_axes=(None, 0))(
-            jnp.eye(flat.shape[0], dtype=flat.dtype))
-        return unravel(0.5 * g * jnp.diagonal(jac))
+        g, dg = jax.linearize(lambda f: ravel_pytree(term.g(t, unravel(f), args))[0], flat)
+        jac = jax.vmap(dg)(jnp.eye(flat.shape[0], dtype=flat.dtype))  # row k: dG/dy_k
+        return unravel(g), unravel(0.5 * g * jnp.diagonal(jac))
     # general: G is (y.size, m); c = 1/2 sum_j (dG_:j/dy) G_:j.
-    def g_mat(f):
-        return term.g(t, unravel(f), args)
-
-    G = g_mat(flat)
-    dG = jax.vmap(lambda col: jax.jvp(g_mat, (flat,), (col.astype(flat.dtype),))[1], in_axes=1)(G)
-    # dG[j] = (dG/dy) G_:j, a (size, m) matrix; column j of it.
-    c = jnp.einsum("jij->i", dG)
-    return unravel((0.5 * c).astype(flat.dtype))
+    G, dG = jax.linearize(lambda f: term.g(t, unravel(f), args), flat)
+    # Row j: (dG/dy) G_:j, a (size, m) matrix, of which column j counts.
+    c = jnp.einsum("jij->i", jax.vmap(dG, in_axes=1)(G.astype(flat.dtype)))
+    return G, unravel((0.5 * c).astype(flat.dtype))
 
 
 def _increment(term, t, y, args, dt, dw):
     """``Phi = (b - c) dt + G dW`` at ``(t, y)`` for a step ``dt``, ``dW``."""
     b = term.vf(t, y, args)
-    c = _correction(term, t, y, args)
-    gdw = term.noise_product(term.g(t, y, args), dw, y)
+    G, c = _diffusion_and_correction(term, t, y, args)
+    gdw = term.noise_product(G, dw, y)
     return jtu.tree_map(lambda b_, c_, n_: (b_ - c_) * dt.astype(b_.dtype) + n_, b, c, gdw)
 
 
@@ -150,8 +144,8 @@ def run(backsolve, build, inputs):
                 parts.append(rms_norm(z[2]))
             return functools.reduce(jnp.maximum, parts)
 
-        def add(x, k, w=1.0):
-            return jtu.tree_map(lambda u, v: u + w * v, x, k)
+        def add(x, k):
+            return jtu.tree_map(jnp.add, x, k)
 
         def segment(carry, i):
             a, g, h = carry
@@ -163,11 +157,18 @@ def run(backsolve, build, inputs):
                 t, _, _, _, status = c
                 return (status == Status.SUCCESS) & (t > t_end)
 
-            def dw_between(t_left, t_right):
-                # W(t_left) - W(t_right): the increment of a backward step.
-                dw, _ = _brownian.increment(seed, span0, span1, t_left, t_right, n_noise,
-                                            term_s.brownian_levels, time_dtype)
-                return lax.stop_gradient(-dw)
+            def backward_increments(*points):
+                # W(s_k) - W(s_{k+1}) for the increasing times ``points``, the
+                # increments of backward steps from s_{k+1} to s_k: one descent
+                # per point, each from the previous one's cache.
+                levels = term_s.brownian_levels
+                cache = _brownian.point(seed, span0, span1, points[0], n_noise, levels, time_dtype)
+                out = []
+                for s_next in points[1:]:
+                    w, _, cache = _brownian.increment_from(seed, span0, span1, cache, s_next, n_noise, levels,
+                                                           time_dtype)
+                    out.append(lax.stop_gradient(-w))
+                return out
 
             def heun(t, z, t_next, dw):
                 dt = t_next - t
@@ -185,15 +186,12 @@ def run(backsolve, build, inputs):
                     # Step doubling: one step against two halves on the same
                     # path; the halves are kept (their error is the smaller).
                     t_mid = 0.5 * (t + t_next)
-                    dw2 = dw_between(t_mid, t)
-                    dw1 = dw_between(t_next, t_mid)
+                    dw1, dw2 = backward_increments(t_next, t_mid, t)
                     z_full = heun(t, z, t_next, dw1 + dw2)
                     z_new = heun(t_mid, heun(t, z, t_mid, dw2), t_next, dw1)
                     finite = all_finite(z_new) & all_finite(z_full)
                     err_tree = jtu.tree_map(lambda p, q: q - p, z_full, z_new)
-                    err = norm(jtu.tree_map(
-                        lambda e, u, v: e / (atol_v + rtol_v * jnp.maximum(jnp.abs(u), jnp.abs(v))).astype(e.dtype),
-                        err_tree, z, z_new))
+                    err = scaled_error(err_tree, z, z_new, rtol_v, atol_v, norm)
                     accept = finite & (err <= 1.0)
                     # Local error of a strong order-1 method: O(h^1.5).
                     factor = jnp.clip(0.9 * jnp.where(err > 0, err, 1e-10) ** (-2.0 / 3.0), 0.2, 5.0)
@@ -201,7 +199,7 @@ def run(backsolve, build, inputs):
                     h_new = lax.stop_gradient(h * factor.astype(time_dtype))
                     bad = jnp.zeros((), bool)
                 else:
-                    z_new = heun(t, z, t_next, dw_between(t_next, t))
+                    z_new = heun(t, z, t_next, backward_increments(t_next, t)[0])
                     finite = all_finite(z_new)
                     accept = finite
                     h_new = h
