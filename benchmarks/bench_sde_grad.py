@@ -125,9 +125,8 @@ def make_jax_cases(n_paths):
         H.Case("neuralde EM CheckpointAdjoint (vmap, max_steps 4096)", lambda: check_default(params), nfev=2 * STEPS),
         H.Case("diffrax Euler RecursiveCheckpoint (vmap, max_steps 4096)", lambda: theirs_default(params),
                nfev=2 * STEPS),
+        H.Case("floor (scan of f + g under grad)", floor, nfev=STEPS),
     ]
-    if floor is not None:
-        cases.append(H.Case("floor (scan of f + g under grad)", floor, nfev=STEPS))
 
     def accuracy():
         (_, gb), (_, gc) = back(params), check(params)
