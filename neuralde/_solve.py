@@ -144,6 +144,8 @@ def _solve_jit(term, solver, y0, t, args, sensitivity, rtol, atol, dt0, *, adapt
         term_, y0_, args_, ts_, rtol_, atol_, dt0_ = inputs
         return build_program(term_, y0_, args_, ts_, rtol_, atol_, dt0_, config=config._replace(**overrides))
 
+    build.config = config  # what a sensitivity method may read (e.g. whether the user asked for dense output)
+
     (ys, history), (stats, status) = sensitivity.run(build, (term, y0, args, ts, rtol, atol, dt0))
     # Counters and status are integers: no derivative (a custom rule may still
     # attach zero tangents to them, which the error check cannot take).
@@ -501,19 +503,7 @@ def _check_diffusion(term, t0, y0, args):
     _check_dtypes(out, y0, "diffusion", "it")
 
 
-class UnsupportedSensitivityError(TypeError, NotImplementedError):
-    """A sensitivity method that does not support the problem given: a
-    `TypeError` (the argument does not fit, as API.md's errors are) and a
-    `NotImplementedError`."""
-
-
 def _check_delay(term, t, y0, args, sensitivity):
-    if isinstance(sensitivity, BacksolveAdjoint):
-        raise UnsupportedSensitivityError(
-            "`sensitivity` BacksolveAdjoint() does not support delay equations (the adjoint of a DDE "
-            "is itself a DDE, advanced in the opposite direction). Use CheckpointAdjoint() (the "
-            "default), ReverseMode() or ForwardMode()."
-        )
     if _concrete(t):
         t_np = np.asarray(t)
         if t_np[-1] < t_np[0]:

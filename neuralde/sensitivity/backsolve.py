@@ -51,6 +51,12 @@ class BacksolveAdjoint(AbstractSensitivity):
     `neuralde.sensitivity.sde_backsolve`. The save times get no gradient there
     (a Brownian path has no time derivative).
 
+    For a `DDETerm` the adjoint is an advanced delay equation, solved
+    backwards by a method of steps; the state, which a delay equation cannot
+    recover backwards, is read from the forward solve's dense output (memory
+    grows with the number of steps there); the vector field must read ``h`` at
+    ``t`` minus constant lags. See `neuralde.sensitivity.dde_backsolve`.
+
     With an implicit solver (`Kvaerno5`, ...) the backward solve is implicit
     too; ``g`` is marked as quadrature, so the Newton matrix has the size of
     ``(y, a)`` whatever the number of parameters. That does not make stiff
@@ -66,6 +72,10 @@ class BacksolveAdjoint(AbstractSensitivity):
             from . import sde_backsolve
 
             return sde_backsolve.run(self, build, inputs)
+        if hasattr(inputs[0], "history"):
+            from . import dde_backsolve
+
+            return dde_backsolve.run(self, build, inputs)
         term, y0, args, ts, rtol, atol, dt0 = inputs
         term = closure_convert_term(term, ts[0], y0, args)
         dyn, static = eqx.partition((term, y0, args, ts, rtol, atol, dt0), eqx.is_array)
