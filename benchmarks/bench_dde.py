@@ -110,7 +110,7 @@ def main(argv=None):
         sys.path.insert(0, opts.base)
         import neuralde_base
 
-        base_cases = cases_for(neuralde_base, "base")
+        base_cases = cases_for(neuralde_base, "base", backsolve=False)
         # Interleave each case with its base twin in the table.
         cases = [c for pair in zip(cases, base_cases) for c in pair]
     H.warm_up()

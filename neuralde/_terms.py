@@ -180,11 +180,13 @@ class DDETerm(AbstractTerm):
     (e.g. a trained parameter also read by the vector field through ``args``)
     is differentiable. Solve with ``MethodOfSteps(solver)``.
 
-    ``h(t0)`` is ``history(t0)``. When ``y0`` differs from it, the solution's
-    derivative jumps at ``t0 + lag``, and the first stage of the step that
-    starts there reads ``history(t0)`` rather than ``y0`` (the value from the
-    left); adaptive steps absorb this by shortening, fixed steps lose
-    accuracy: prefer a history that meets ``y0``.
+    ``h(s)`` for ``s < t0`` is ``history(s)``. At ``t0`` itself it is the
+    side of the step asking: ``history(t0)`` for a step that ends at
+    ``t0 + lag``, ``y0`` (the solution's limit from the right) for one that
+    starts there (its first stage recomputed, not reused from the step
+    before), so that when ``y0`` differs from ``history(t0)`` -- the solution's
+    derivative then jumps at ``t0 + lag``, where the steps land -- neither the
+    solution nor its derivative with respect to ``y0`` loses an order.
     """
 
     vector_field: Callable[[Any, Any, Any, Any], Any]

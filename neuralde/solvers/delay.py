@@ -84,7 +84,7 @@ class _DelayProblem:
     def __getattr__(self, name):  # rtol, atol and whatever later loops add
         return getattr(self.problem, name)
 
-    def h(self, s):
+    def h(self, s, stage=None):
         t_start, bt0, bt1, y0s, coeffs = self.history_buffer
         t_n, dt, y_n, c_n = self.current
         s = jnp.asarray(s, bt1.dtype)
@@ -100,6 +100,9 @@ class _DelayProblem:
         width = bt1.shape[0]
         used = bt1 > bt0
         ends = jnp.concatenate([bt0[1:], jnp.asarray(t_n, bt0.dtype)[None]])
+        # (An unused slot just before the first step "ends" at t0: not a step
+        # that holds t0 itself, which the solution's side of t0 reads.)
+        ends = jnp.where(used, ends, bt0)
         idx = jnp.minimum(jnp.sum(ends < s), width - 1)
         a, b = bt0[idx], ends[idx]
         found = used[idx] & (a <= s) & (s <= b) & (a < b)
@@ -119,14 +122,29 @@ class _DelayProblem:
         moved = dt != 0
         v_cur = evaluate_polynomial(y_n, c_n, jnp.where(moved, (s - t_n) / jnp.where(moved, dt, 1), 0))
         in_hist = s <= t_start
+        if stage is not None:
+            # At t0 itself (to rounding) the side is the step's: a step that
+            # starts at t0 + lag reads the solution there (y0, the limit from
+            # the right), one that ends there the history. (Steps land on
+            # t0 + lag, so none straddles it.) Reading history(t0) on the step
+            # after made the solution's derivative in y0 -- and its value, when
+            # y0 differs from history(t0) -- first order in that step's length.
+            scale = jnp.maximum(jnp.abs(t_start), jnp.abs(stage))
+            near = jnp.abs(s - t_start) <= 16 * jnp.finfo(bt1.dtype).eps * scale
+            middle = s + (t_n + 0.5 * dt - stage)  # the time read from the step's midpoint
+            in_hist = jnp.where(near, middle <= t_start, in_hist)
         in_buf = s <= t_n
+        if stage is not None:
+            # The solution's side of t0 on the first step (a field that reads
+            # h(t) at t0): no step is stored yet; the current one starts there.
+            in_buf = in_buf & ~(near & ~in_hist & (t_n <= t_start))
         return jtu.tree_map(
             lambda x, y, z: jnp.where(in_hist, x, jnp.where(in_buf, y, z)), v_hist, v_buf, v_cur
         )
 
     def vf(self, s, y):
         # Delay problems integrate forward in time (checked by `solve`).
-        return self.term.vector_field(s, y, self.h, self.args)
+        return self.term.vector_field(s, y, lambda q: self.h(q, stage=s), self.args)
 
 
 #: Past steps kept by `MethodOfSteps(max_history=None)` (unless `solve` sizes
@@ -249,6 +267,17 @@ class MethodOfSteps(AbstractSolver):
             if not isinstance(info, StepInfo):
                 info = StepInfo(nfev=info)
             return (y1, y_err, c1, new_state), info
+
+        # A step that starts at t0 + lag: the first stage a FSAL method reuses
+        # is the last step's, which read history(t0) at its end; this step
+        # reads y0 there (see `_DelayProblem.h`), so the stage is recomputed.
+        if inner_state is not None:
+            tol = 16 * jnp.finfo(bt1.dtype).eps * jnp.maximum(jnp.abs(t0), jnp.abs(t_start))
+            at_switch = jnp.any(jnp.abs(lax.stop_gradient(t0 - (t_start + jnp.stack(lags)))) <= tol)
+            start = (t0, dt, y0, jtu.tree_map(lambda c: jnp.zeros_like(c[-1]), coeffs))
+            inner_state = lax.cond(at_switch,
+                                   lambda st: self.solver.init(_DelayProblem(problem, buffer, start), t0, y0),
+                                   lambda st: st, inner_state)
 
         # Predictor for times inside the step: the last step's polynomial
         # extrapolated (the constant y0 on the first step).
