@@ -153,3 +153,16 @@ def test_a_time_that_is_not_t_minus_a_constant_lag_is_refused():
 
     with pytest.raises(Exception, match="constant lag"):
         jax.block_until_ready(jax.grad(loss)(1.0))
+
+
+def test_a_start_away_from_zero_matches_the_shifted_problem():
+    # t0 = 0.3: t0 + 0.35 - 0.35 rounds below t0, where the step that starts
+    # at t0 + 0.35 reads the solution's side of t0 (a regression: NaN). The
+    # same problem shifted to start at 0 is the reference.
+    def solve(shift):
+        term = nde.DDETerm(lambda t, y, h, a: -0.4 * y - 1.1 * h(t - 0.9) + 0.3 * jnp.sin(h(t - 0.35)),
+                           lambda s, a: jnp.cos(1.3 * (s - shift)) + 0.2, (0.9, 0.35))
+        ts = jnp.linspace(0.0, 3.0, 7) + shift
+        return nde.solve(term, nde.MethodOfSteps(nde.Tsit5()), jnp.asarray(1.0), ts, rtol=1e-10, atol=1e-10).ys
+
+    np.testing.assert_allclose(np.asarray(solve(0.3)), np.asarray(solve(0.0)), rtol=0, atol=1e-8)

@@ -92,6 +92,22 @@ class _DelayProblem:
         # an unused branch never sees a time it was not written for).
         v_hist = self.term.history(jnp.minimum(s, t_start), self.args)
         v_hist = jtu.tree_map(lambda v, y: jnp.asarray(v, y.dtype), v_hist, y_n)
+        in_hist = s <= t_start
+        near_solution = jnp.asarray(False)
+        if stage is not None:
+            # At t0 itself (to rounding) the side is the step's: a step that
+            # starts at t0 + lag reads the solution there (y0, the limit from
+            # the right), one that ends there the history. (Steps land on
+            # t0 + lag, so none straddles it.) Reading history(t0) on the step
+            # after made the solution's derivative in y0 -- and its value, when
+            # y0 differs from history(t0) -- first order in that step's length.
+            scale = jnp.maximum(jnp.abs(t_start), jnp.abs(stage))
+            near = jnp.abs(s - t_start) <= 16 * jnp.finfo(bt1.dtype).eps * scale
+            middle = s + (t_n + 0.5 * dt - stage)  # the time read from the step's midpoint
+            in_hist = jnp.where(near, middle <= t_start, in_hist)
+            near_solution = near & ~in_hist
+            # (A time that rounding put just below t0 is read at t0.)
+            s = jnp.where(near_solution, jnp.maximum(s, t_start), s)
         # Accepted steps: the first step whose end is >= s. A step ends where
         # the next one starts (the last where the current one starts): the
         # loop's step end, not ``t0 + dt`` as the step computed it, which can
@@ -121,23 +137,9 @@ class _DelayProblem:
         # NaN through its zero cotangent.)
         moved = dt != 0
         v_cur = evaluate_polynomial(y_n, c_n, jnp.where(moved, (s - t_n) / jnp.where(moved, dt, 1), 0))
-        in_hist = s <= t_start
-        if stage is not None:
-            # At t0 itself (to rounding) the side is the step's: a step that
-            # starts at t0 + lag reads the solution there (y0, the limit from
-            # the right), one that ends there the history. (Steps land on
-            # t0 + lag, so none straddles it.) Reading history(t0) on the step
-            # after made the solution's derivative in y0 -- and its value, when
-            # y0 differs from history(t0) -- first order in that step's length.
-            scale = jnp.maximum(jnp.abs(t_start), jnp.abs(stage))
-            near = jnp.abs(s - t_start) <= 16 * jnp.finfo(bt1.dtype).eps * scale
-            middle = s + (t_n + 0.5 * dt - stage)  # the time read from the step's midpoint
-            in_hist = jnp.where(near, middle <= t_start, in_hist)
-        in_buf = s <= t_n
-        if stage is not None:
-            # The solution's side of t0 on the first step (a field that reads
-            # h(t) at t0): no step is stored yet; the current one starts there.
-            in_buf = in_buf & ~(near & ~in_hist & (t_n <= t_start))
+        # (The solution's side of t0 on the first step -- a field that reads
+        # h(t) at t0 -- has no stored step yet: the current one starts there.)
+        in_buf = (s <= t_n) & ~(near_solution & (t_n <= t_start))
         return jtu.tree_map(
             lambda x, y, z: jnp.where(in_hist, x, jnp.where(in_buf, y, z)), v_hist, v_buf, v_cur
         )
