@@ -51,7 +51,6 @@ also that of where the history ends.
 """
 from __future__ import annotations
 
-import functools
 import itertools
 
 import equinox as eqx
@@ -163,24 +162,6 @@ def _backward(d, static, hist, ct_ys, theta, theta_rest, throw):
         pick = lambda tree: jtu.tree_map(lambda x: x[idx], tree)  # noqa: E731
         return evaluate_polynomial(pick(hist.y0s), pick(hist.coeffs), theta)
 
-    @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-    def solution_at(s, side, th):
-        """The forward solution at ``s``, whose derivative in ``s`` (a lag's
-        gradient reads it) is ``f`` there rather than the slope of the dense
-        polynomial: exact for the interpolated state, where the polynomial's
-        slope is a lower order -- and O(1) wrong on the step that starts at
-        ``t0 + lag`` when ``y0`` differs from ``history(t0)`` (its first stage
-        reads the history, see `DDETerm`)."""
-        return dense_y(s, side)
-
-    @solution_at.defjvp
-    def _solution_at_jvp(side, primals, tangents):
-        s, th = primals
-        ds = tangents[0]
-        y = dense_y(s, side)
-        slope = field(s, y, th, None, [], side)
-        return y, jtu.tree_map(lambda v: v * jnp.asarray(ds, v.dtype), slope)
-
     def field(t, y, th, deltas, queries, side=0.0):
         """``f(t, y, h, args)`` with ``h`` the forward solution (the history
         before ``t0``) plus ``deltas[j]`` at the ``j``-th call, whose time is
@@ -195,7 +176,7 @@ def _backward(d, static, hist, ct_ys, theta, theta_rest, throw):
                                   term_.history(_near_clip(s, -jnp.inf, t0, nudge), args_), y0_d)
             # (``side``: from which side of a step end, or of t0, a stage at the
             # end of an interval reads -- that of the interval.)
-            out = _where(s + side * nudge <= t0, v_hist, solution_at(s, side, th))
+            out = _where(s + side * nudge <= t0, v_hist, dense_y(s, side))
             # (Added on either side of t0: the call that asks for a time t >= t0
             # may round to just below it.)
             return out if deltas is None else _tree_add(out, deltas[j])
