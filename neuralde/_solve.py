@@ -88,7 +88,7 @@ def solve(
         term = _attach_key(term, solver, sensitivity, key, t)
     y0 = _as_state(y0)
     if isinstance(term, DDETerm):
-        _check_delay(term, t, y0, args, sensitivity)
+        _check_delay(term, t, y0, args)
     _check_values(rtol, atol, dt0, max_steps)
     adaptive = bool(adaptive) and solver.adaptive
     if adaptive:
@@ -503,7 +503,7 @@ def _check_diffusion(term, t0, y0, args):
     _check_dtypes(out, y0, "diffusion", "it")
 
 
-def _check_delay(term, t, y0, args, sensitivity):
+def _check_delay(term, t, y0, args):
     if _concrete(t):
         t_np = np.asarray(t)
         if t_np[-1] < t_np[0]:

@@ -364,9 +364,14 @@ def _backward(d, static, hist, ct_ys, theta, theta_rest, throw):
         # with t0 and with the lag: dL/d(switch) = <lam, f(h_j = history(t0))
         # - f(h_j = y0)> there (the difference, not a derivative: f may be
         # nonlinear in h).
-        _, _, q_0 = direct_terms(t0, 1.0, lam0_plus)
+        def queries_of(th):
+            queries = []
+            field(t0, y0_d, th, None, queries, 1.0)
+            return jnp.stack(queries)
+
+        q_0, vjp_q = jax.vjp(queries_of, theta)
         hist0 = jtu.tree_map(lambda v, y_: jnp.asarray(v, y_.dtype),
-                             eqx.combine(term_d, term_s).history(t0, eqx.combine(args_d, args_s)), y0_d)
+                             full_term.history(t0, eqx.combine(args_d, args_s)), y0_d)
         gap0 = jtu.tree_map(jnp.subtract, hist0, y0_d)
         weights = []
         for j in range(n_calls):
@@ -381,13 +386,7 @@ def _backward(d, static, hist, ct_ys, theta, theta_rest, throw):
         w = jnp.stack(weights)
         ct_t0 = ct_t0 + jnp.sum(w)
 
-        def queries_of(th):
-            queries = []
-            field(t0, y0_d, th, None, queries, 1.0)
-            return jnp.stack(queries)
-
         # The switch time is t0 + lag_j = t0 - (q_j - t): it moves by -dq_j/dtheta.
-        _, vjp_q = jax.vjp(queries_of, theta)
         (mu_switch,) = vjp_q(-w.astype(q_0.dtype))
         mu = _tree_add(mu, mu_switch)
     ct_ts = ct_ts.at[0].set(ct_t0).astype(tdt)

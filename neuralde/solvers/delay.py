@@ -116,10 +116,10 @@ class _DelayProblem:
         width = bt1.shape[0]
         used = bt1 > bt0
         ends = jnp.concatenate([bt0[1:], jnp.asarray(t_n, bt0.dtype)[None]])
-        # (An unused slot just before the first step "ends" at t0: not a step
-        # that holds t0 itself, which the solution's side of t0 reads.)
-        ends = jnp.where(used, ends, bt0)
         idx = jnp.minimum(jnp.sum(ends < s), width - 1)
+        # (The unused slot just before the first step "ends" at t0, where the
+        # solution's side of t0 is read: the step after it holds t0.)
+        idx = jnp.minimum(idx + (~used[idx]).astype(idx.dtype), width - 1)
         a, b = bt0[idx], ends[idx]
         found = used[idx] & (a <= s) & (s <= b) & (a < b)
         a_safe = jnp.where(found, a, s - 1)
