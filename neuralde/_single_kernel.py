@@ -23,7 +23,8 @@ buffer), which may be larger. Products that contract nothing (outer products:
 the weights' cotangent of a dense layer applied to a vector) are written as
 broadcast multiplies inside the call, and small matrix-matrix products as
 matrix-vector or outer products (`_small_dot_p`). Anywhere else the call is an
-ordinary one.
+ordinary one; a function with a product that no lowering would take (a dense
+layer on a batch, W4) is not packed into a call at all (`_has_large_product`).
 ``NEURALDE_SINGLE_KERNEL=0`` in the environment turns the mark off.
 
 The call takes its inputs as one buffer (`_Packing`). The emitter aborts the
@@ -180,8 +181,13 @@ def _call(jaxpr, n_consts, outside, ins):
                            + ([(jnp.dtype(bool), ())] if flagged else []))
     except TypeError:  # a dtype the buffer does not carry (complex, a PRNG key)
         packing = None
-    if packing is None or packing.size > _MAX_ELEMENTS:
-        return evaluate(*ins)  # (inputs this large: the loop is not small)
+    if packing is None or packing.size > _MAX_ELEMENTS or _has_large_product(jaxpr):
+        # Inputs this large, or a product no lowering takes into the kernel
+        # (W4's 256 x 64 x 64 layer): the loop is not small, and the packed
+        # buffer would only cost its copies -- and its slices, independent
+        # kernels, let XLA:CPU's executor hand the loop to another thread
+        # (20-30 us a call).
+        return evaluate(*ins)
     inner = _eval_small_dots if _has_dots(jaxpr) else jax.core.eval_jaxpr
 
     def call(buffer, *passed):
@@ -565,6 +571,31 @@ def _has_dots(jaxpr) -> bool:
     """Whether ``jaxpr`` (its inner jaxprs included) has a `dot_general`."""
     return any(eqn.primitive is jax.lax.dot_general_p or any(_has_dots(j) for j in _sub_jaxprs(eqn.params))
                for eqn in jaxpr.eqns)
+
+
+def _has_large_product(jaxpr) -> bool:
+    """Whether ``jaxpr`` (its inner jaxprs included) has a `dot_general` that
+    no lowering of a call takes into one kernel: neither an outer product
+    within the element bound, nor a small product that `_small_dot_cpu`
+    splits, nor a matrix-vector product within _MAX_MATRIX. `jax.vmap` only
+    enlarges a product (a batched call is screened again, `_call`), and the
+    derivatives of such a product are products as large."""
+
+    def large(eqn):
+        x, y = (v.aval for v in eqn.invars[:2])
+        batch, x_free, y_free, contracted = _product_shape(x.shape, y.shape, eqn.params["dimension_numbers"])
+        m, n, k = math.prod(x_free), math.prod(y_free), math.prod(contracted)
+        outer = k == 1 and math.prod(batch + x_free + y_free) <= _MAX_ELEMENTS
+        small = (not batch and min(m, n) > 1 and (min(m, n) <= _MAX_SPLIT or k <= _MAX_SPLIT)
+                 and m * n * k <= _MAX_SPLIT_WORK)
+        vector = not batch and min(m, n) == 1 and max(x.size, y.size) <= _MAX_MATRIX
+        return not (outer or small or vector)
+
+    def search(j):
+        return any(large(e) if e.primitive is jax.lax.dot_general_p else any(search(s) for s in _sub_jaxprs(e.params))
+                   for e in j.eqns)
+
+    return search(jaxpr)
 
 
 def _rewrite(value):

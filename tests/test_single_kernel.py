@@ -329,6 +329,50 @@ def test_small_dot_rules_match_dot_general():
                                np.outer(np.asarray(u), np.asarray(v)), rtol=1e-15)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the mark is for XLA:CPU")
+def test_products_screened_at_trace_time_are_the_ones_never_marked(monkeypatch):
+    # `_has_large_product` skips the packed call where its product could never
+    # be marked. It must agree with the lowering's own verdict, read off the
+    # compiled program with the screen off: no call it drops would have been
+    # one kernel, and the ones it drops are not.
+    from neuralde import _single_kernel as sk
+
+    monkeypatch.setenv("NEURALDE_SINGLE_KERNEL", "1")
+    rng = np.random.default_rng(4)
+
+    def loop(x, w):  # a small loop around the products, as a solver's
+        return jax.lax.fori_loop(0, 3, lambda i, c: jnp.tanh(c @ w) @ w.T + c[..., :1], x)
+
+    cases = {  # name: (x shape, w shape, vmapped over x's first axis)
+        "matrix-vector": ((8,), (8, 8), False),
+        "split by columns and by terms": ((6, 5), (5, 3), False),
+        "split by terms": ((30, 2), (2, 2), False),
+        "8 x 8 x 8, not split": ((8, 8), (8, 8), False),
+        "W4's layer": ((256, 64), (64, 64), False),
+        "vmap of matrix-vector (W4 per lane)": ((256, 64), (64, 64), True),
+        "vmap of a small one": ((3, 4), (4, 4), True),
+    }
+    screen = sk._has_large_product
+    verdicts = set()
+    for name, (sx, sw, batched) in cases.items():
+        x, w = jnp.asarray(rng.normal(size=sx)), jnp.asarray(rng.normal(size=sw)) / sw[0]
+        f = (lambda x, w: sk.single_kernel(loop, x, w))
+        f = jax.vmap(f, in_axes=(0, None)) if batched else f
+        dropped = []
+        monkeypatch.setattr(sk, "_has_large_product", lambda j: dropped.append(screen(j)) or False)
+        jax.clear_caches()
+        marked = MARK in jax.jit(f).lower(x, w).compile().as_text()
+        monkeypatch.setattr(sk, "_has_large_product", screen)
+        # the screen's verdict on the call actually lowered (the batched one
+        # under `vmap`, screened again by `_call`)
+        assert dropped, name
+        assert dropped[-1] == (not marked), name
+        verdicts.add(marked)
+        np.testing.assert_allclose(np.asarray(jax.jit(f)(x, w)), np.asarray(jax.vmap(loop, in_axes=(0, None))(x, w)
+                                   if batched else loop(x, w)), rtol=1e-13, atol=1e-13)
+    assert verdicts == {True, False}  # both kinds were among the cases
+
+
 def test_packing_is_exact_and_differentiable():
     from neuralde._single_kernel import _Packing
 
