@@ -141,6 +141,11 @@ class LoopConfig(NamedTuple):
     #: SDE's keys alone (an ensemble), which ``lanes`` leaves out (the loops
     #: run as for one solve) but which each hold their own buffers.
     buffer_lanes: int = 1
+    #: Whether the `jax.vmap` that batches ``y0`` or ``args`` is the innermost
+    #: transformation `solve` is called under (`_solve._lanes_innermost`): its
+    #: shared inputs' cotangents are then sums over the lanes, which
+    #: `CheckpointAdjoint`'s backward steps may form inside their products.
+    lanes_innermost: bool = False
     #: False: the initial carry's step size (with ``dt0=None``) is a zero
     #: placeholder, not the initial step selection, which evaluates the vector
     #: field: for a backward pass that needs the step functions and the
@@ -324,11 +329,19 @@ def stored_while_loop(cond_fun, body_fun, init, max_iters: int):
     def flat_body(flat):
         return jtu.tree_leaves(body_fun(jtu.tree_unflatten(treedef, flat)))
 
-    # The values ``body_fun`` closes over that may carry derivatives become
-    # explicit inputs (a `custom_vjp` cannot differentiate its closure).
-    body, consts = jax.closure_convert(flat_body, leaves)
+    # Every value ``body_fun`` closes over becomes an explicit input: those
+    # that may carry derivatives because a `custom_vjp` cannot differentiate
+    # its closure, the others (integers, booleans) because the backward pass
+    # may run outside the trace that made them (`CheckpointAdjoint`'s lanes
+    # rule transposes a `jax.vmap` after leaving it).
+    closed = jax.make_jaxpr(flat_body)(leaves)
+    const_inexact = [jnp.issubdtype(jnp.result_type(c), jnp.inexact) for c in closed.consts]
 
-    def run(consts, flat, store):
+    def body(flat, consts, fixed):
+        consts, fixed = iter(consts), iter(fixed)
+        return jax.core.eval_jaxpr(closed.jaxpr, [next(consts) if f else next(fixed) for f in const_inexact], *flat)
+
+    def run(consts, fixed, flat, store):
         def cond(c):
             return (c[0] < max_iters) & cond_fun(jtu.tree_unflatten(treedef, c[1]))
 
@@ -336,37 +349,39 @@ def stored_while_loop(cond_fun, body_fun, init, max_iters: int):
             n, flat, stored = c
             if store:
                 stored = [lax.dynamic_update_index_in_dim(s, x, n, 0) for s, x in zip(stored, flat)]
-            return n + 1, body(flat, *consts), stored
+            return n + 1, body(flat, consts, fixed), stored
 
         stored = [jnp.zeros((max_iters,) + jnp.shape(x), jnp.result_type(x)) for x in flat] if store else []
         return lax.while_loop(cond, step, (jnp.asarray(0, jnp.int32), list(flat), stored))
 
     @jax.custom_vjp
-    def loop(consts, floats, others):
-        return run(consts, merge(floats, others), False)[1]
+    def loop(consts, fixed, floats, others):
+        return run(consts, fixed, merge(floats, others), False)[1]
 
-    def fwd(consts, floats, others):
-        n, flat, stored = run(consts, merge(floats, others), True)
-        return flat, (consts, n, stored)
+    def fwd(consts, fixed, floats, others):
+        n, flat, stored = run(consts, fixed, merge(floats, others), True)
+        return flat, (consts, fixed, n, stored)
 
     def bwd(res, ct_flat):
-        consts, n, stored = res
+        consts, fixed, n, stored = res
         ct_floats = split(ct_flat)[0]
         zero_consts = [jnp.zeros_like(c) for c in consts]
 
         def back(c):
             i, ct_floats, ct_consts = c
             floats, others = split([lax.dynamic_index_in_dim(s, i, 0, keepdims=False) for s in stored])
-            _, vjp = jax.vjp(lambda fl, cs: split(body(merge(fl, others), *cs))[0], floats, consts)
+            _, vjp = jax.vjp(lambda fl, cs: split(body(merge(fl, others), cs, fixed))[0], floats, consts)
             ct_in, ct_c = vjp(ct_floats)
             return i - 1, ct_in, [a + b for a, b in zip(ct_consts, ct_c)]
 
         _, ct_floats, ct_consts = lax.while_loop(lambda c: c[0] >= 0, back, (n - 1, ct_floats, zero_consts))
-        return ct_consts, ct_floats, [None] * len(split(stored)[1])
+        return ct_consts, [None] * len(fixed), ct_floats, [None] * len(split(stored)[1])
 
     loop.defvjp(fwd, bwd)
     floats, others = split(leaves)
-    return jtu.tree_unflatten(treedef, loop(consts, floats, others))
+    consts = [c for c, f in zip(closed.consts, const_inexact) if f]
+    fixed = [c for c, f in zip(closed.consts, const_inexact) if not f]
+    return jtu.tree_unflatten(treedef, loop(consts, fixed, floats, others))
 
 
 def _level_lengths(max_iters: int, base: int = 16) -> list:

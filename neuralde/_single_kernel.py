@@ -213,12 +213,34 @@ def _call(jaxpr, n_consts, outside, ins):
             outs = packed_call(*xs)
             return outs, [False] * len(outs)
         axes = tuple(0 if b else None for b in in_batched)
-        closed = jax.make_jaxpr(jax.vmap(evaluate, in_axes=axes, axis_size=axis_size))(*xs)
+        # Which outputs depend on the lanes: the others (a cotangent the
+        # lanes share, summed inside the function) are returned unbatched --
+        # batched, the caller would take them for one value per lane.
+        out_batched = []
+
+        def spied(*args):
+            outs = evaluate(*args)
+            out_batched[:] = [_of_trace(o) for o in outs]
+            return outs
+
+        closed = jax.make_jaxpr(jax.vmap(spied, in_axes=axes, axis_size=axis_size))(*xs)
         k = len(closed.consts)
         outs = _call(closed.jaxpr, k, frozenset(i + k for i in outside), [*closed.consts, *xs])
-        return outs, [True] * len(outs)
+        return [o if b else o[0] for o, b in zip(outs, out_batched)], out_batched
 
     return packed(*ins)
+
+
+def _of_trace(x) -> bool:
+    """Whether ``x`` is batched by the innermost `jax.vmap` being traced (True
+    if JAX's internals moved: batched, the safe answer)."""
+    try:
+        from jax._src import core as jax_core
+        from jax._src.interpreters.batching import BatchTracer
+    except ImportError:  # pragma: no cover - JAX internals moved
+        return True
+    trace = getattr(getattr(jax_core, "trace_ctx", None), "trace", None)
+    return isinstance(x, BatchTracer) and getattr(x, "_trace", None) is trace
 
 
 def _anchored(outs, passed, flag):

@@ -114,12 +114,13 @@ def solve(
         term, solver, y0, t, args, sensitivity, rtol, atol, dt0,
         adaptive=adaptive, max_steps=int(max_steps), dense=bool(dense), throw=bool(throw),
         progress=bool(progress), lanes=_vmap_lanes((y0, args)), buffer_lanes=_vmap_lanes((y0, args, key)),
+        lanes_innermost=_lanes_innermost((y0, args)),
     )
 
 
 @eqx.filter_jit
 def _solve_jit(term, solver, y0, t, args, sensitivity, rtol, atol, dt0, *, adaptive, max_steps, dense, throw, progress,
-               lanes=1, buffer_lanes=1):
+               lanes=1, buffer_lanes=1, lanes_innermost=False):
     time_dtype = _time_dtype(y0)
     ts = t.astype(time_dtype)
     _check_vector_field(term, ts[0], y0, args)
@@ -138,6 +139,7 @@ def _solve_jit(term, solver, y0, t, args, sensitivity, rtol, atol, dt0, *, adapt
         throw=throw,
         lanes=lanes,
         buffer_lanes=buffer_lanes,
+        lanes_innermost=lanes_innermost and lanes > 1,
     )
 
     def build(inputs, **overrides):
@@ -183,6 +185,25 @@ def _vmap_lanes(tree) -> int:
             x = val
         lanes = max(lanes, n)
     return lanes
+
+
+def _lanes_innermost(tree) -> bool:
+    """Whether the innermost transformation `solve` is called under is a
+    `jax.vmap` that batches a leaf of ``tree`` (``y0``, ``args``). Then any
+    differentiation is of the batched solve as a whole (`jax.grad` of a
+    `jax.vmap`, or a `jax.jit` around the `vmap`): the cotangent of an input
+    the lanes share is the sum of theirs. Not under `jax.vmap` of `jax.grad`,
+    where the linearisation is innermost and each lane keeps its own. False
+    if JAX's internals moved."""
+    try:
+        from jax._src import core as jax_core
+        from jax._src.interpreters.batching import BatchTrace, BatchTracer
+    except ImportError:  # pragma: no cover - JAX internals moved
+        return False
+    trace = getattr(getattr(jax_core, "trace_ctx", None), "trace", None)
+    if not isinstance(trace, BatchTrace):
+        return False
+    return any(isinstance(x, BatchTracer) and getattr(x, "_trace", None) is trace for x in jtu.tree_leaves(tree))
 
 
 class _DirectForward(AbstractSensitivity):

@@ -121,6 +121,12 @@ class CheckpointAdjoint(AbstractSensitivity):
             # ``prog`` is a `_steps_view`: its iterations are the steps.
             return self.plan(prog.max_iters, _carry_bytes(prog.packed) * prog.buffer_lanes)
 
+        # Under the `jax.vmap` that batches the inputs, innermost (see
+        # `_lanes_back_step`): the backward steps sum the shared inputs'
+        # cotangents over the lanes inside their products.
+        config = getattr(build, "config", None)
+        sum_lanes = bool(getattr(config, "lanes_innermost", False))
+
         @jax.custom_vjp
         def solve(d):
             return program(d).run_while()
@@ -147,7 +153,7 @@ class CheckpointAdjoint(AbstractSensitivity):
                 program(dd, initial_step=False, reverse_steps=True, vjp_steps=True))
             prog = steps_program(res[0])
             return _bwd_steps(steps_program, prog, res, ct_out, plan(prog)[1],
-                              seen["mask"] if seen["const_times"] else None)
+                              seen["mask"] if seen["const_times"] else None, sum_lanes)
 
         solve.defvjp(fwd, bwd, symbolic_zeros=True)
         return solve(dyn)
@@ -260,7 +266,7 @@ def _fwd_steps(prog, d, slots):
     return prog.finalize(packed, ys, dense), (d, ckpts, n_iter, stride, prog.save_index(packed), times)
 
 
-def _bwd_steps(steps_program, prog, res, ct_out, max_stride, const_mask=None):
+def _bwd_steps(steps_program, prog, res, ct_out, max_stride, const_mask=None, sum_lanes=False):
     """The backward pass of `_fwd_steps`: the step attempts in reverse, each
     recomputed from its checkpoint, with the cotangents of the points it saved
     added to those of its polynomial. ``const_mask`` (when the loop's times
@@ -277,7 +283,7 @@ def _bwd_steps(steps_program, prog, res, ct_out, max_stride, const_mask=None):
     (ct_ys, ct_hist), _ = ct_out
     s_save = prog.save_times
     first = jtu.tree_map(lambda b: b[0], ckpts)
-    back_step = _back_step(steps_program, prog, d, const_mask)
+    back_step = _back_step(steps_program, prog, d, const_mask, sum_lanes)
 
     def walk(ckpts, ct0):
         def back(c):
@@ -346,26 +352,53 @@ def _bwd_steps(steps_program, prog, res, ct_out, max_stride, const_mask=None):
         _, _, ct_packed, ct_d, ct_s = single_kernel(walk, ct0, produced=ckpts)
 
     return (jtu.tree_map(_add, ct_d, _initial_cotangents(steps_program, prog.dense is not None, d, ct_packed, ct_ys,
-                                                          ct_hist, ct_s)),)
+                                                          ct_hist, ct_s, sum_lanes)),)
 
 
-def _initial_cotangents(program, dense, d, ct_packed, ct_ys, ct_hist, ct_s=None):
+def _initial_cotangents(program, dense, d, ct_packed, ct_ys, ct_hist, ct_s=None, sum_lanes=False):
     """The cotangent of ``d`` through what depends on the inputs directly:
     the initial carry, the first saved value (``y0`` itself), the first step
     boundary of the dense history, and (``ct_s`` given) the loop's save
-    times."""
+    times. ``sum_lanes``: as the backward steps' (`_lanes_back_step`), the
+    shared leaves' cotangents summed over the lanes here."""
     def initial(dd):
         p = program(dd)
         out = (p.packed, jtu.tree_map(lambda y: y[0], p.ys), p.dense[0][0] if dense else None)
         return out if ct_s is None else (*out, p.save_times)
 
-    _, vjp_init = jax.vjp(initial, d)
     cts = (ct_packed, jtu.tree_map(lambda c: c[0], ct_ys), ct_hist.ts[0] if dense else None)
-    (ct_d,) = vjp_init(cts if ct_s is None else (*cts, ct_s))
+    cts = cts if ct_s is None else (*cts, ct_s)
+    if sum_lanes:
+        return _vjp_summing_lanes(initial, d, cts)
+    _, vjp_init = jax.vjp(initial, d)
+    (ct_d,) = vjp_init(cts)
     return ct_d
 
 
-def _back_step(program, prog, d, const_mask=None):
+def _vjp_summing_lanes(fn, d, cts):
+    """``jax.vjp(fn, d)[1](cts)[0]``, where under the `jax.vmap` of the lanes
+    (innermost, see `_lanes_back_step`) the cotangent of a leaf of ``d`` that
+    the lanes share is their sum, formed inside the transposed operations, and
+    is returned unbatched."""
+    def plain(d, ct_floats):
+        out, vjp_fn = jax.vjp(fn, d)
+        return _float_leaves(vjp_fn(_merge_floats(out, ct_floats))[0])
+
+    call = jax.custom_batching.custom_vmap(plain)
+
+    @call.def_vmap
+    def _rule(n, in_batched, d, ct_floats):
+        b_d, b_c = in_batched
+        d_axes = jtu.tree_map(lambda b: 0 if b else None, b_d)
+        ct_floats = [c if b else jnp.broadcast_to(c, (n,) + jnp.shape(c)) for c, b in zip(ct_floats, b_c)]
+        out, vjp_fn = jax.vjp(lambda dd: jax.vmap(fn, in_axes=(d_axes,))(dd), d)
+        ct = _float_leaves(vjp_fn(_merge_floats(out, ct_floats))[0])
+        return ct, [b for x, b in zip(jtu.tree_leaves(d), jtu.tree_leaves(b_d)) if not _is_float0(zero_tangents(x))]
+
+    return _merge_floats(d, call(d, _float_leaves(cts)))
+
+
+def _back_step(program, prog, d, const_mask=None, sum_lanes=False):
     """``(packed, ct_packed, ct_d, ct_ys, ct_hist, first, saves, refill=None)
     -> (new, ct_packed_in, ct_d, ct_s)``: the cotangents of one step attempt's
     inputs (the carry ``packed`` and the solve's inputs ``d``) from those of
@@ -392,7 +425,6 @@ def _back_step(program, prog, d, const_mask=None):
     length zero there may have non-finite partials (0/0 in a stochastic step),
     which a zero cotangent would turn into NaN.
     """
-    s_save = prog.save_times
     max_steps, dense = prog.max_iters, prog.dense is not None
 
     def out_cotangents(save_at, save_val, step, step_index, ct_packed, ct_hist, active):
@@ -412,10 +444,12 @@ def _back_step(program, prog, d, const_mask=None):
         ct_new = jtu.tree_map(lambda c: jnp.where(active, c, jnp.zeros_like(c)), ct_packed)
         return ct_new, zero_tangents(save_at), zero_tangents(save_val), ct_step
 
-    def with_saves(outs, step, ct_ys, saves, active):
-        # The points ``[i0, i1)`` saved on this step's polynomial.
+    def with_saves(outs, step, ct_ys, saves, active, pr=prog):
+        # The points ``[i0, i1)`` saved on this step's polynomial (``pr``: the
+        # program whose save times and polynomial are read).
         ct_new, ct_at, ct_save, ct_step = outs
         i0, i1, ct_s = saves
+        s_save = pr.save_times
 
         def one(j, acc):
             ct_step, ct_s = acc
@@ -423,12 +457,12 @@ def _back_step(program, prog, d, const_mask=None):
             if const_mask is not None:
                 # Constant times: the polynomial's states and coefficients only.
                 _, vjp_fn = jax.vjp(
-                    lambda y0, y1, c: prog.interpolate_step(s_save[j], step._replace(y0=y0, y1=y1, coeffs=c)),
+                    lambda y0, y1, c: pr.interpolate_step(s_save[j], step._replace(y0=y0, y1=y1, coeffs=c)),
                     step.y0, step.y1, step.coeffs)
                 c_y0, c_y1, c_c = vjp_fn(ct_j)
                 c_step = zero_tangents(step)._replace(y0=c_y0, y1=c_y1, coeffs=c_c)
                 return jtu.tree_map(_add, ct_step, c_step), ct_s
-            _, vjp_fn = jax.vjp(prog.interpolate_step, s_save[j], step)
+            _, vjp_fn = jax.vjp(pr.interpolate_step, s_save[j], step)
             c_s, c_step = vjp_fn(ct_j)
             ct_s = lax.dynamic_update_index_in_dim(ct_s, ct_s[j] + c_s, j, 0)
             return jtu.tree_map(_add, ct_step, c_step), ct_s
@@ -464,11 +498,11 @@ def _back_step(program, prog, d, const_mask=None):
         ct_p, ct_dd = vjp_fn(cts)
         return ct_p, jtu.tree_map(_add, ct_d, ct_dd), ct_s
 
-    def after(outs, packed, active):
+    def after(outs, packed, active, pr=prog):
         # The carry the forward loop went on with: the attempt's, its saves
         # passed (a lane that did not run keeps ``packed``).
         new, _, _, step = outs
-        new = prog.save_passed(new, step, None)[0]
+        new = pr.save_passed(new, step, None)[0]
         return jtu.tree_map(lambda a, b: jnp.where(active, a, b), new, packed)
 
     def branch(pred, run, ct_packed, ct_d, ct_s, *operands):
@@ -508,9 +542,21 @@ def _back_step(program, prog, d, const_mask=None):
         ct_p, ct_d, ct_s = branch(prog.step_cond(packed), run, ct_packed, ct_d, saves[2], packed)
         return None, ct_p, ct_d, ct_s
 
+    lanes_steps = {}
+
     def back(packed, ct_packed, ct_d, ct_ys, ct_hist, first, saves, refill=None):
         if refill is None and prog.lanes == 1:
             return back_unbatched(packed, ct_packed, ct_d, ct_ys, ct_hist, saves)
+        if sum_lanes and prog.lanes > 1:
+            has_refill = refill is not None
+            if has_refill not in lanes_steps:
+                lanes_steps[has_refill] = _lanes_back_step(
+                    program, prog, const_mask, has_refill, primal, out_cotangents, with_saves, after)
+            new, ct_pf, ct_df, ct_s = lanes_steps[has_refill](
+                packed, first, d, _float_leaves(ct_packed), ct_ys, ct_hist, saves[0], saves[1], saves[2],
+                jnp.asarray(False) if refill is None else refill)
+            ct_d = jtu.tree_map(_add, ct_d, _merge_floats(d, ct_df))
+            return new, _merge_floats(ct_packed, ct_pf), ct_d, ct_s
         active = prog.step_cond(packed)
         if prog.lanes == 1:
             # Every carry the backward pass recomputes or walks is one the
@@ -535,6 +581,144 @@ def _back_step(program, prog, d, const_mask=None):
         return after(outs, packed, active), ct_p, ct_d, ct_s
 
     return back
+
+
+def _lanes_back_step(program, prog, const_mask, has_refill, primal, out_cotangents, with_saves, after):
+    """One lane's backward step (`_back_step` under `jax.vmap`) as a
+    `jax.custom_batching.custom_vmap` function whose batching rule
+    differentiates the *batched* step attempt, so that the cotangent of an
+    input every lane shares (a neural field's weights) is summed over the
+    lanes inside the transposed products -- ``x^T delta``, one matrix product
+    -- instead of one outer product per lane accumulated in a per-lane buffer
+    (W4's vmapped gradient: a 256 x 64 x 64 cotangent read and written at
+    every step).
+
+    Used only where that sum is the derivative wanted: ``solve`` found the
+    `jax.vmap` that batches its inputs innermost among the transformations
+    it is called under (`_solve._lanes_innermost`), so the lanes are those of
+    a batched primal whose shared inputs' cotangent is the sum over them
+    (`jax.grad` of a `jax.vmap`), never those of a `jax.vmap` of gradients,
+    where each lane keeps its own. The rule is applied by the innermost batch
+    trace, which in the backward pass is that `jax.vmap`'s (an outer `vmap`,
+    such as `jax.jacrev`'s over cotangents, batches the rule's result as usual).
+
+    Signature: ``(packed, first, d, ct_packed_floats, ct_ys, ct_hist, i0, i1,
+    ct_s, refill) -> (new, ct_packed_floats, ct_d_floats, ct_s)``: the float
+    leaves of the cotangents only (`_float_leaves`), ``ct_d_floats`` the
+    step's own cotangent of ``d``; ``new`` (with ``has_refill``) the carry
+    after the attempt, else None."""
+
+    def lane(packed, first, d, ct_pf, ct_ys, ct_hist, i0, i1, ct_s, refill):
+        pr = program(d)
+        ct_packed = _merge_floats(packed, ct_pf)
+        active = pr.step_cond(packed)
+        safe = jtu.tree_map(lambda a, b: jnp.where(active, a, b), packed, first)
+        step_index = pr.step_index(safe)
+        outs, vjp_fn = primal(safe, d, True)
+
+        def run(ct_pf, ct_s):
+            cts = out_cotangents(outs[1], outs[2], outs[3], step_index, _merge_floats(packed, ct_pf), ct_hist, active)
+            cts, ct_s = with_saves(cts, outs[3], ct_ys, (i0, i1, ct_s), active, pr)
+            ct_p, ct_dd = vjp_fn(cts)
+            ct_p = jtu.tree_map(lambda a, b: a if _is_float0(a) else jnp.where(active, a, b), ct_p, ct_packed)
+            return _float_leaves(ct_p), _float_leaves(ct_dd), ct_s
+
+        return _finish(run, ct_pf, ct_s, refill, d, lambda: after(outs, packed, active, pr))
+
+    def _finish(run, ct_pf, ct_s, refill, d, new_carry):
+        if not has_refill:
+            return (None, *run(ct_pf, ct_s))
+        # Refilling a segment's carries: the transposition is skipped.
+        passed = lambda ct_pf, ct_s: (ct_pf, _float_leaves(zero_tangents(d)), ct_s)  # noqa: E731
+        return (new_carry(), *lax.cond(refill, passed, run, ct_pf, ct_s))
+
+    step = jax.custom_batching.custom_vmap(lane)
+
+    @step.def_vmap
+    def _rule(n, in_batched, packed, first, d, ct_pf, ct_ys, ct_hist, i0, i1, ct_s, refill):
+        b_d = in_batched[2]
+        d_axes = jtu.tree_map(lambda b: 0 if b else None, b_d)
+        # The float leaves of ``d``'s cotangent are batched where ``d``'s are.
+        df_batched = [b for x, b in zip(jtu.tree_leaves(d), jtu.tree_leaves(b_d))
+                      if not _is_float0(zero_tangents(x))]
+
+        def batched(out):  # every output per lane, but the shared inputs' cotangents
+            new, ct_pf, ct_df, ct_s = out
+            return (jtu.tree_map(lambda _: True, new), [True] * len(ct_pf), list(df_batched),
+                    jtu.tree_map(lambda _: True, ct_s))
+
+        if in_batched[9]:
+            # (Not from `_bwd_steps`' loops, whose counters the lanes share;
+            # were it batched, every lane would hold the same flag.)
+            refill = refill[0]
+        # Every other operand with its lane axis in front.
+        lanes_of = lambda x, b: jtu.tree_map(  # noqa: E731
+            lambda x, b: x if b else jnp.broadcast_to(x, (n,) + jnp.shape(x)), x, b)
+        packed, first, ct_pf, ct_ys, ct_hist, i0, i1, ct_s = (
+            lanes_of(x, b) for x, b in zip((packed, first, ct_pf, ct_ys, ct_hist, i0, i1, ct_s),
+                                           (in_batched[k] for k in (0, 1, 3, 4, 5, 6, 7, 8))))
+        V = lambda f: jax.vmap(f, in_axes=(0, d_axes))  # noqa: E731  (lane arrays, then d)
+
+        def pre(lanes, d):
+            packed, first = lanes
+            pr = program(d)
+            active = pr.step_cond(packed)
+            safe = jtu.tree_map(lambda a, b: jnp.where(active, a, b), packed, first)
+            return active, safe, pr.step_index(safe)
+
+        active, safe, step_index = V(pre)((packed, first), d)
+        outs, vjp_fn = _batched_primal(program, prog, const_mask, safe, d, d_axes)
+
+        def run(ct_pf, ct_s):
+            def lane_cts(lanes, d):
+                outs1, step_index1, ct_pf1, ct_ys1, ct_hist1, i01, i11, ct_s1, active1, packed1 = lanes
+                pr = program(d)
+                cts = out_cotangents(outs1[1], outs1[2], outs1[3], step_index1, _merge_floats(packed1, ct_pf1),
+                                     ct_hist1, active1)
+                return with_saves(cts, outs1[3], ct_ys1, (i01, i11, ct_s1), active1, pr)
+
+            cts, ct_s = V(lane_cts)((outs, step_index, ct_pf, ct_ys, ct_hist, i0, i1, ct_s, active, packed), d)
+            ct_p, ct_dd = vjp_fn(cts)
+            ct_packed = jax.vmap(_merge_floats)(packed, ct_pf)
+            ct_p = jtu.tree_map(lambda a, b: a if _is_float0(a) else jax.vmap(jnp.where)(active, a, b), ct_p,
+                                ct_packed)
+            return _float_leaves(ct_p), _float_leaves(ct_dd), ct_s
+
+        def new_carry():
+            return V(lambda lanes, d: after(lanes[0], lanes[1], lanes[2], program(d)))((outs, packed, active), d)
+
+        out = _finish(run, ct_pf, ct_s, refill, d, new_carry)
+        return out, batched(out)
+
+    return step
+
+
+def _batched_primal(program, prog, const_mask, safe, d, d_axes):
+    """``(outs, vjp_fn)`` of the masked step attempt of every lane at once
+    (``safe``: the carries, lane axis in front; ``d`` batched along
+    ``d_axes``): the vjp of the batched attempt, whose cotangent of a shared
+    leaf of ``d`` is summed over the lanes. With ``const_mask``, as
+    `_back_step`'s ``primal``: the times and the undifferentiated leaves of
+    ``d`` are left out of the vjp."""
+    def one(p, dd):
+        return _masked_iteration(program(dd), p)
+
+    if const_mask is None:
+        return jax.vjp(lambda p, dd: jax.vmap(one, in_axes=(0, d_axes))(p, dd), safe, d)
+    times, states = prog.split_times(safe)  # (structure only: a tuple's parts)
+    d_var, d_const = eqx.partition(d, const_mask)
+
+    def fn(states, d_var):
+        return jax.vmap(lambda t, s, dd: one(prog.join_times(t, s), dd), in_axes=(0, 0, d_axes))(
+            times, states, eqx.combine(d_var, d_const))
+
+    outs, vjp_states = jax.vjp(fn, states, d_var)
+
+    def vjp_fn(cts):
+        ct_states, ct_var = vjp_states(cts)
+        return prog.join_times(zero_tangents(times), ct_states), eqx.combine(ct_var, zero_tangents(d_const))
+
+    return outs, vjp_fn
 
 
 def _float_leaves(tree):
