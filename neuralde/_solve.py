@@ -114,7 +114,7 @@ def solve(
         term, solver, y0, t, args, sensitivity, rtol, atol, dt0,
         adaptive=adaptive, max_steps=int(max_steps), dense=bool(dense), throw=bool(throw),
         progress=bool(progress), lanes=_vmap_lanes((y0, args)), buffer_lanes=_vmap_lanes((y0, args, key)),
-        lanes_innermost=_lanes_innermost((y0, args)),
+        lanes_innermost=_lanes_innermost((y0, args, key)),
     )
 
 
@@ -139,7 +139,7 @@ def _solve_jit(term, solver, y0, t, args, sensitivity, rtol, atol, dt0, *, adapt
         throw=throw,
         lanes=lanes,
         buffer_lanes=buffer_lanes,
-        lanes_innermost=lanes_innermost and lanes > 1,
+        lanes_innermost=lanes_innermost and buffer_lanes > 1,
     )
 
     def build(inputs, **overrides):
@@ -189,7 +189,8 @@ def _vmap_lanes(tree) -> int:
 
 def _lanes_innermost(tree) -> bool:
     """Whether the innermost transformation `solve` is called under is a
-    `jax.vmap` that batches a leaf of ``tree`` (``y0``, ``args``). Then any
+    `jax.vmap` that batches a leaf of ``tree`` (``y0``, ``args``, an SDE's
+    ``key``: an ensemble of paths). Then any
     differentiation is of the batched solve as a whole (`jax.grad` of a
     `jax.vmap`, or a `jax.jit` around the `vmap`): the cotangent of an input
     the lanes share is the sum of theirs. Not under `jax.vmap` of `jax.grad`,

@@ -330,6 +330,44 @@ def test_vmapped_adaptive_gradient_equals_per_path_gradients():
     np.testing.assert_allclose(float(batched), per_path, rtol=1e-3)
 
 
+def test_ensemble_gradients_over_keys_in_every_order():
+    """An ensemble of paths (`jax.vmap` over keys) of a small neural SDE, with
+    shared weights: `jax.grad` of the vmapped ensemble (the weights' cotangent
+    summed over the paths inside the backward steps' products), `jax.vmap` of
+    `jax.grad` (each path its own), against ReverseMode on
+    fixed steps (the same steps: to round-off). Adaptive steps: the vmapped
+    gradient of each path was NaN under `jax.vmap` of `jax.grad` (a finished
+    path's zero-length step), and is compared with each path solved alone."""
+    rng = np.random.default_rng(0)
+    weights = (jnp.asarray(rng.normal(size=(2, 8)) / 2), jnp.asarray(rng.normal(size=(8, 2)) / 3))
+    term = nde.SDETerm(lambda t, y, p: jnp.tanh(y @ p[0]) @ p[1], lambda t, y, p: 0.2 * y)
+    ts = jnp.linspace(0.0, 1.0, 4)
+    keys = jax.random.split(jax.random.key(1), 4)
+
+    def path(k, p, sensitivity, **kw):
+        sol = nde.solve(term, nde.SRIW1(), jnp.array([1.0, -0.5]), ts, args=p, key=k, sensitivity=sensitivity, **kw)
+        return jnp.sum(sol.ys ** 2)
+
+    def close(got, want, rtol):
+        for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+            assert np.all(np.isfinite(np.asarray(a)))
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=rtol * np.max(np.abs(b)))
+
+    fixed = dict(dt0=0.05, adaptive=False)
+    ref = jax.jit(jax.vmap(lambda k: jax.grad(lambda p: path(k, p, nde.ReverseMode(), **fixed))(weights)))(keys)
+    ckpt = nde.CheckpointAdjoint()
+    total = jax.jit(jax.grad(lambda p: jnp.sum(jax.vmap(lambda k: path(k, p, ckpt, **fixed))(keys))))(weights)
+    close(total, jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), ref), 1e-12)
+    close(jax.jit(jax.vmap(lambda k: jax.grad(lambda p: path(k, p, ckpt, **fixed))(weights)))(keys), ref, 1e-12)
+
+    adaptive = dict(rtol=1e-4, atol=1e-4)
+    per_path = jax.jit(jax.vmap(lambda k: jax.grad(lambda p: path(k, p, ckpt, **adaptive))(weights)))(keys)
+    alone = jax.jit(jax.grad(lambda p, k: path(k, p, ckpt, **adaptive)))
+    # Batched arithmetic rounds differently and can move an accept/reject
+    # decision: not to round-off (measured 5e-5).
+    close(per_path, jax.tree_util.tree_map(lambda *g: jnp.stack(g), *[alone(weights, k) for k in keys]), 1e-3)
+
+
 # --------------------------------------------------------------------- errors
 
 def _drift(t, y, a):

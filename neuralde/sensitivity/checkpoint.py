@@ -545,9 +545,7 @@ def _back_step(program, prog, d, const_mask=None, sum_lanes=False):
     lanes_steps = {}
 
     def back(packed, ct_packed, ct_d, ct_ys, ct_hist, first, saves, refill=None):
-        if refill is None and prog.lanes == 1:
-            return back_unbatched(packed, ct_packed, ct_d, ct_ys, ct_hist, saves)
-        if sum_lanes and prog.lanes > 1:
+        if sum_lanes:
             has_refill = refill is not None
             if has_refill not in lanes_steps:
                 lanes_steps[has_refill] = _lanes_back_step(
@@ -557,15 +555,20 @@ def _back_step(program, prog, d, const_mask=None, sum_lanes=False):
                 jnp.asarray(False) if refill is None else refill)
             ct_d = jtu.tree_map(_add, ct_d, _merge_floats(d, ct_df))
             return new, _merge_floats(ct_packed, ct_pf), ct_d, ct_s
+        if refill is None and prog.buffer_lanes == 1:
+            return back_unbatched(packed, ct_packed, ct_d, ct_ys, ct_hist, saves)
         active = prog.step_cond(packed)
-        if prog.lanes == 1:
+        if prog.buffer_lanes == 1:
             # Every carry the backward pass recomputes or walks is one the
-            # forward loop stepped from.
+            # forward loop stepped from. (Not under a `jax.vmap` over an SDE's
+            # keys alone, which `lanes` does not count: its paths finish at
+            # different iterations, and a finished path's zero-length step
+            # has non-finite partials.)
             safe = packed
         else:
             safe = jtu.tree_map(lambda a, b: jnp.where(active, a, b), packed, first)
         step_index = prog.step_index(safe)
-        outs, vjp_fn = primal(safe, d, prog.lanes > 1)
+        outs, vjp_fn = primal(safe, d, prog.buffer_lanes > 1)
 
         def run(ct_packed, ct_s, ct_d=None):
             # ``ct_d`` None: the step's own cotangent of ``d`` (see `branch`).
