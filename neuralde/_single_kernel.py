@@ -567,13 +567,28 @@ def _split_product(x, y, *, dimension_numbers, preferred_element_type, **_):
     return out.reshape(shape)
 
 
-def _small_dot_cpu(x, y, **params):
-    batch, x_free, y_free, contracted = _product_shape(x.shape, y.shape, params["dimension_numbers"])
+def _product_kind(x_shape, y_shape, dimension_numbers) -> str:
+    """How a call's product is lowered for XLA:CPU: ``"split"`` (an outer
+    product within the element bound, or a small matrix-matrix product,
+    written as `_split_product`), ``"vector"`` (a matrix-vector product the
+    emitter takes as it is) or ``"large"`` (neither: no call that holds it is
+    one kernel)."""
+    batch, x_free, y_free, contracted = _product_shape(x_shape, y_shape, dimension_numbers)
     m, n, k = math.prod(x_free), math.prod(y_free), math.prod(contracted)
     outer = k == 1 and math.prod(batch + x_free + y_free) <= _MAX_ELEMENTS
     small = (not batch and min(m, n) > 1 and (min(m, n) <= _MAX_SPLIT or k <= _MAX_SPLIT)
              and m * n * k <= _MAX_SPLIT_WORK)
-    return _split_product(x, y, **params) if outer or small else _dot(x, y, **params)
+    if outer or small:
+        return "split"
+    if not batch and min(m, n) == 1 and max(math.prod(x_shape), math.prod(y_shape)) <= _MAX_MATRIX:
+        return "vector"
+    return "large"
+
+
+def _small_dot_cpu(x, y, **params):
+    if _product_kind(x.shape, y.shape, params["dimension_numbers"]) == "split":
+        return _split_product(x, y, **params)
+    return _dot(x, y, **params)
 
 
 mlir.register_lowering(_small_dot_p, mlir.lower_fun(_dot, multiple_results=False))
@@ -605,13 +620,7 @@ def _has_large_product(jaxpr) -> bool:
 
     def large(eqn):
         x, y = (v.aval for v in eqn.invars[:2])
-        batch, x_free, y_free, contracted = _product_shape(x.shape, y.shape, eqn.params["dimension_numbers"])
-        m, n, k = math.prod(x_free), math.prod(y_free), math.prod(contracted)
-        outer = k == 1 and math.prod(batch + x_free + y_free) <= _MAX_ELEMENTS
-        small = (not batch and min(m, n) > 1 and (min(m, n) <= _MAX_SPLIT or k <= _MAX_SPLIT)
-                 and m * n * k <= _MAX_SPLIT_WORK)
-        vector = not batch and min(m, n) == 1 and max(x.size, y.size) <= _MAX_MATRIX
-        return not (outer or small or vector)
+        return _product_kind(x.shape, y.shape, eqn.params["dimension_numbers"]) == "large"
 
     def search(j):
         return any(large(e) if e.primitive is jax.lax.dot_general_p else any(search(s) for s in _sub_jaxprs(e.params))

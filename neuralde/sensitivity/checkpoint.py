@@ -393,7 +393,7 @@ def _vjp_summing_lanes(fn, d, cts):
         ct_floats = [c if b else jnp.broadcast_to(c, (n,) + jnp.shape(c)) for c, b in zip(ct_floats, b_c)]
         out, vjp_fn = jax.vjp(lambda dd: jax.vmap(fn, in_axes=(d_axes,))(dd), d)
         ct = _float_leaves(vjp_fn(_merge_floats(out, ct_floats))[0])
-        return ct, [b for x, b in zip(jtu.tree_leaves(d), jtu.tree_leaves(b_d)) if not _is_float0(zero_tangents(x))]
+        return ct, _float_flags(d, b_d)
 
     return _merge_floats(d, call(d, _float_leaves(cts)))
 
@@ -491,10 +491,15 @@ def _back_step(program, prog, d, const_mask=None, sum_lanes=False):
 
         return outs, vjp_fn
 
-    def transpose(outs, vjp_fn, step_index, ct_packed, ct_d, ct_ys, ct_hist, saves, active):
+    def step_cts(outs, step_index, ct_packed, ct_ys, ct_hist, saves, active, pr=prog):
+        # The cotangents of one attempt's outputs (``pr``: see `with_saves`),
+        # and the save times' updated.
         _, save_at, save_val, step = outs
         cts = out_cotangents(save_at, save_val, step, step_index, ct_packed, ct_hist, active)
-        cts, ct_s = with_saves(cts, step, ct_ys, saves, active)
+        return with_saves(cts, step, ct_ys, saves, active, pr)
+
+    def transpose(outs, vjp_fn, step_index, ct_packed, ct_d, ct_ys, ct_hist, saves, active):
+        cts, ct_s = step_cts(outs, step_index, ct_packed, ct_ys, ct_hist, saves, active)
         ct_p, ct_dd = vjp_fn(cts)
         return ct_p, jtu.tree_map(_add, ct_d, ct_dd), ct_s
 
@@ -548,8 +553,8 @@ def _back_step(program, prog, d, const_mask=None, sum_lanes=False):
         if sum_lanes:
             has_refill = refill is not None
             if has_refill not in lanes_steps:
-                lanes_steps[has_refill] = _lanes_back_step(
-                    program, prog, const_mask, has_refill, primal, out_cotangents, with_saves, after)
+                lanes_steps[has_refill] = _lanes_back_step(program, prog, const_mask, has_refill, primal, step_cts,
+                                                           after)
             new, ct_pf, ct_df, ct_s = lanes_steps[has_refill](
                 packed, first, d, _float_leaves(ct_packed), ct_ys, ct_hist, saves[0], saves[1], saves[2],
                 jnp.asarray(False) if refill is None else refill)
@@ -586,7 +591,7 @@ def _back_step(program, prog, d, const_mask=None, sum_lanes=False):
     return back
 
 
-def _lanes_back_step(program, prog, const_mask, has_refill, primal, out_cotangents, with_saves, after):
+def _lanes_back_step(program, prog, const_mask, has_refill, primal, step_cts, after):
     """One lane's backward step (`_back_step` under `jax.vmap`) as a
     `jax.custom_batching.custom_vmap` function whose batching rule
     differentiates the *batched* step attempt, so that the cotangent of an
@@ -611,17 +616,24 @@ def _lanes_back_step(program, prog, const_mask, has_refill, primal, out_cotangen
     step's own cotangent of ``d``; ``new`` (with ``has_refill``) the carry
     after the attempt, else None."""
 
+    def prepare(lanes, d):
+        # A lane that is not active steps from the initial carry (see
+        # `_back_step`).
+        packed, first = lanes
+        pr = program(d)
+        active = pr.step_cond(packed)
+        safe = jtu.tree_map(lambda a, b: jnp.where(active, a, b), packed, first)
+        return active, safe, pr.step_index(safe)
+
     def lane(packed, first, d, ct_pf, ct_ys, ct_hist, i0, i1, ct_s, refill):
         pr = program(d)
         ct_packed = _merge_floats(packed, ct_pf)
-        active = pr.step_cond(packed)
-        safe = jtu.tree_map(lambda a, b: jnp.where(active, a, b), packed, first)
-        step_index = pr.step_index(safe)
+        active, safe, step_index = prepare((packed, first), d)
         outs, vjp_fn = primal(safe, d, True)
 
         def run(ct_pf, ct_s):
-            cts = out_cotangents(outs[1], outs[2], outs[3], step_index, _merge_floats(packed, ct_pf), ct_hist, active)
-            cts, ct_s = with_saves(cts, outs[3], ct_ys, (i0, i1, ct_s), active, pr)
+            cts, ct_s = step_cts(outs, step_index, _merge_floats(packed, ct_pf), ct_ys, ct_hist, (i0, i1, ct_s),
+                                 active, pr)
             ct_p, ct_dd = vjp_fn(cts)
             ct_p = jtu.tree_map(lambda a, b: a if _is_float0(a) else jnp.where(active, a, b), ct_p, ct_packed)
             return _float_leaves(ct_p), _float_leaves(ct_dd), ct_s
@@ -641,9 +653,7 @@ def _lanes_back_step(program, prog, const_mask, has_refill, primal, out_cotangen
     def _rule(n, in_batched, packed, first, d, ct_pf, ct_ys, ct_hist, i0, i1, ct_s, refill):
         b_d = in_batched[2]
         d_axes = jtu.tree_map(lambda b: 0 if b else None, b_d)
-        # The float leaves of ``d``'s cotangent are batched where ``d``'s are.
-        df_batched = [b for x, b in zip(jtu.tree_leaves(d), jtu.tree_leaves(b_d))
-                      if not _is_float0(zero_tangents(x))]
+        df_batched = _float_flags(d, b_d)
 
         def batched(out):  # every output per lane, but the shared inputs' cotangents
             new, ct_pf, ct_df, ct_s = out
@@ -662,23 +672,14 @@ def _lanes_back_step(program, prog, const_mask, has_refill, primal, out_cotangen
                                            (in_batched[k] for k in (0, 1, 3, 4, 5, 6, 7, 8))))
         V = lambda f: jax.vmap(f, in_axes=(0, d_axes))  # noqa: E731  (lane arrays, then d)
 
-        def pre(lanes, d):
-            packed, first = lanes
-            pr = program(d)
-            active = pr.step_cond(packed)
-            safe = jtu.tree_map(lambda a, b: jnp.where(active, a, b), packed, first)
-            return active, safe, pr.step_index(safe)
-
-        active, safe, step_index = V(pre)((packed, first), d)
+        active, safe, step_index = V(prepare)((packed, first), d)
         outs, vjp_fn = _batched_primal(program, prog, const_mask, safe, d, d_axes)
 
         def run(ct_pf, ct_s):
             def lane_cts(lanes, d):
                 outs1, step_index1, ct_pf1, ct_ys1, ct_hist1, i01, i11, ct_s1, active1, packed1 = lanes
-                pr = program(d)
-                cts = out_cotangents(outs1[1], outs1[2], outs1[3], step_index1, _merge_floats(packed1, ct_pf1),
-                                     ct_hist1, active1)
-                return with_saves(cts, outs1[3], ct_ys1, (i01, i11, ct_s1), active1, pr)
+                return step_cts(outs1, step_index1, _merge_floats(packed1, ct_pf1), ct_ys1, ct_hist1,
+                                (i01, i11, ct_s1), active1, program(d))
 
             cts, ct_s = V(lane_cts)((outs, step_index, ct_pf, ct_ys, ct_hist, i0, i1, ct_s, active, packed), d)
             ct_p, ct_dd = vjp_fn(cts)
@@ -722,6 +723,12 @@ def _batched_primal(program, prog, const_mask, safe, d, d_axes):
         return prog.join_times(zero_tangents(times), ct_states), eqx.combine(ct_var, zero_tangents(d_const))
 
     return outs, vjp_fn
+
+
+def _float_flags(tree, flags):
+    """``flags`` (a bool per leaf of ``tree``) at the leaves `_float_leaves`
+    keeps of ``tree``'s cotangent."""
+    return [b for x, b in zip(jtu.tree_leaves(tree), jtu.tree_leaves(flags)) if not _is_float0(zero_tangents(x))]
 
 
 def _float_leaves(tree):
