@@ -116,32 +116,38 @@ class _DelayProblem:
         width = bt1.shape[0]
         used = bt1 > bt0
         ends = jnp.concatenate([bt0[1:], jnp.asarray(t_n, bt0.dtype)[None]])
-        idx = jnp.minimum(jnp.sum(ends < s), width - 1)
+        # (Indices are in range by construction: `take` with clamping adds no
+        # wrap-around of negative indices, which `x[idx]` traces for each of
+        # the lookups below -- a lean `h` is a smaller program to compile,
+        # forward and transposed, at every stage of every step.)
+        at = lambda x, i: lax.dynamic_index_in_dim(x, i, keepdims=False)  # noqa: E731
+        idx = jnp.minimum(jnp.sum(ends < s, dtype=jnp.int32), width - 1)
         # (The unused slot just before the first step "ends" at t0, where the
         # solution's side of t0 is read: the step after it holds t0.)
-        idx = jnp.minimum(idx + (~used[idx]).astype(idx.dtype), width - 1)
-        a, b = bt0[idx], ends[idx]
-        found = used[idx] & (a <= s) & (s <= b) & (a < b)
-        a_safe = jnp.where(found, a, s - 1)
-        b_safe = jnp.where(found, b, s)
-        val = evaluate_polynomial(
-            jtu.tree_map(lambda x: x[idx], y0s), jtu.tree_map(lambda x: x[idx], coeffs), (s - a_safe) / (b_safe - a_safe)
-        )
-        # A time before every kept step (a vector field that reads further back
-        # than its largest lag) gives NaN, never a stale value.
-        v_buf = jtu.tree_map(lambda v: jnp.where(found, v, jnp.nan), val)
+        idx = jnp.minimum(idx + (~at(used, idx)).astype(jnp.int32), width - 1)
+        a, b = at(bt0, idx), at(ends, idx)
+        found = at(used, idx) & (a <= s) & (s <= b) & (a < b)
         # Inside the current step: its own (or the predicted) polynomial.
-        # (A zero step -- under `jax.vmap` the loop keeps attempting steps of
-        # length 0 once a solve has finished, `cond` being `select` -- divides
-        # by a safe 1: a 0/0 here, though never selected, makes the gradients
-        # NaN through its zero cotangent.)
-        moved = dt != 0
-        v_cur = evaluate_polynomial(y_n, c_n, jnp.where(moved, (s - t_n) / jnp.where(moved, dt, 1), 0))
         # (The solution's side of t0 on the first step -- a field that reads
         # h(t) at t0 -- has no stored step yet: the current one starts there.)
         in_buf = (s <= t_n) & ~(near_solution & (t_n <= t_start))
+        # One polynomial is evaluated: the found step's or the current one's,
+        # on a safe interval where neither applies (a 0/0, though never
+        # selected, makes the gradients NaN through its zero cotangent; and
+        # under `jax.vmap` the loop keeps attempting steps of length 0 once a
+        # solve has finished, `cond` being `select`).
+        lo = jnp.where(in_buf, jnp.where(found, a, s - 1), t_n)
+        length = jnp.where(in_buf, jnp.where(found, b - a, 1), jnp.where(dt != 0, dt, 1))
+        theta = jnp.where(in_buf | (dt != 0), (s - lo) / length, 0)
+        val = evaluate_polynomial(
+            _tree_where(in_buf, jtu.tree_map(lambda x: at(x, idx), y0s), y_n),
+            _tree_where(in_buf, jtu.tree_map(lambda x: at(x, idx), coeffs), c_n),
+            theta,
+        )
+        # A time before every kept step (a vector field that reads further back
+        # than its largest lag) gives NaN, never a stale value.
         return jtu.tree_map(
-            lambda x, y, z: jnp.where(in_hist, x, jnp.where(in_buf, y, z)), v_hist, v_buf, v_cur
+            lambda x, v: jnp.where(in_hist, x, jnp.where(in_buf & ~found, jnp.nan, v)), v_hist, val
         )
 
     def vf(self, s, y):
