@@ -116,10 +116,10 @@ class _DelayProblem:
         width = bt1.shape[0]
         used = bt1 > bt0
         ends = jnp.concatenate([bt0[1:], jnp.asarray(t_n, bt0.dtype)[None]])
-        # (Indices are in range by construction: `take` with clamping adds no
-        # wrap-around of negative indices, which `x[idx]` traces for each of
-        # the lookups below -- a lean `h` is a smaller program to compile,
-        # forward and transposed, at every stage of every step.)
+        # (The indices are in range by construction: a dynamic index read
+        # traces no wrap-around of negative indices, which `x[idx]` does for
+        # each lookup. `h` runs at every stage of every step, forward and
+        # transposed: a lean `h` is a smaller program to compile.)
         at = lambda x, i: lax.dynamic_index_in_dim(x, i, keepdims=False)  # noqa: E731
         idx = jnp.minimum(jnp.sum(ends < s, dtype=jnp.int32), width - 1)
         # (The unused slot just before the first step "ends" at t0, where the
