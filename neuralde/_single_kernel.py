@@ -220,7 +220,7 @@ def _call(jaxpr, n_consts, outside, ins):
 
         def spied(*args):
             outs = evaluate(*args)
-            out_batched[:] = [_of_trace(o) for o in outs]
+            out_batched[:] = [batched_innermost(o) is not False for o in outs]  # unknown: batched, the safe answer
             return outs
 
         closed = jax.make_jaxpr(jax.vmap(spied, in_axes=axes, axis_size=axis_size))(*xs)
@@ -231,14 +231,16 @@ def _call(jaxpr, n_consts, outside, ins):
     return packed(*ins)
 
 
-def _of_trace(x) -> bool:
-    """Whether ``x`` is batched by the innermost `jax.vmap` being traced (True
-    if JAX's internals moved: batched, the safe answer)."""
+def batched_innermost(x):
+    """Whether ``x`` is batched by the `jax.vmap` being traced innermost (False
+    where the innermost trace is not a `vmap`'s, or that `vmap` does not batch
+    ``x``); None if JAX's internals moved, each caller choosing its safe
+    answer."""
     try:
         from jax._src import core as jax_core
         from jax._src.interpreters.batching import BatchTracer
     except ImportError:  # pragma: no cover - JAX internals moved
-        return True
+        return None
     trace = getattr(getattr(jax_core, "trace_ctx", None), "trace", None)
     return isinstance(x, BatchTracer) and getattr(x, "_trace", None) is trace
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from ._controller import PIController
 from ._loop import LoopConfig, build_program
+from ._single_kernel import batched_innermost
 from ._solution import Solution, status_messages
 from ._brownian import seed_from_key
 from ._terms import AbstractTerm, DDETerm, SDETerm
@@ -196,15 +197,7 @@ def _lanes_innermost(tree) -> bool:
     the lanes share is the sum of theirs. Not under `jax.vmap` of `jax.grad`,
     where the linearisation is innermost and each lane keeps its own. False
     if JAX's internals moved."""
-    try:
-        from jax._src import core as jax_core
-        from jax._src.interpreters.batching import BatchTrace, BatchTracer
-    except ImportError:  # pragma: no cover - JAX internals moved
-        return False
-    trace = getattr(getattr(jax_core, "trace_ctx", None), "trace", None)
-    if not isinstance(trace, BatchTrace):
-        return False
-    return any(isinstance(x, BatchTracer) and getattr(x, "_trace", None) is trace for x in jtu.tree_leaves(tree))
+    return any(batched_innermost(x) for x in jtu.tree_leaves(tree))
 
 
 class _DirectForward(AbstractSensitivity):
